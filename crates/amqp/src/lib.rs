@@ -1,1 +1,97 @@
-//! Placeholder until this crate is written.
+//! RabbitMQ plumbing shared by every optout-sync service: the durable topology, a publisher that waits
+//! for broker confirms, a batching consumer with manual acks and dead-lettering, and the dead-letter
+//! queue operations behind the admin RPCs.
+//!
+//! Messages are protobuf bodies (`content_type: application/protobuf`, `type: <proto full name>`).
+//! They are notifications, not commands, so at-least-once delivery with duplicates is the contract.
+
+mod consumer;
+pub mod dead_letters;
+mod headers;
+mod publisher;
+mod topology;
+
+pub use consumer::{ConsumeOptions, Message, Outcome, consume};
+pub use publisher::Publisher;
+pub use topology::{
+    DELIVERY_LIMIT, MEMBERS_CHANGED_ROUTING_KEY, Topology, declare, queue_depth, teardown,
+};
+
+/// Re-exported so callers can name lapin types without their own dependency.
+pub use lapin;
+
+/// Header naming why a message was dead-lettered by this crate.
+pub const REASON_HEADER: &str = "x-optout-reason";
+/// Header keeping the routing key a dead-lettered message was first published with.
+pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-optout-original-routing-key";
+/// Header with the time (unix milliseconds) a message first failed.
+pub const FIRST_FAILURE_HEADER: &str = "x-optout-first-failure";
+/// The content type of every body this crate publishes.
+pub const CONTENT_TYPE: &str = "application/protobuf";
+
+/// Errors of the AMQP layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The connection to the broker could not be opened.
+    #[error("failed to connect to rabbitmq")]
+    Connect(#[source] lapin::Error),
+    /// A protocol operation failed (channel closed, precondition failed, queue missing, ...).
+    #[error("amqp {operation} failed on {target}")]
+    Amqp {
+        /// The AMQP method, e.g. `queue.declare`.
+        operation: &'static str,
+        /// The exchange, queue or routing key it was applied to.
+        target: String,
+        /// What lapin reported.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker refused to take responsibility for a published message.
+    #[error("broker nacked message published to {exchange} with routing key {routing_key}")]
+    Nacked {
+        /// Exchange published to.
+        exchange: String,
+        /// Routing key used.
+        routing_key: String,
+    },
+    /// The broker cancelled the consumer (e.g. the queue was deleted).
+    #[error("broker cancelled the consumer of {queue}")]
+    ConsumerCancelled {
+        /// The queue consumed.
+        queue: String,
+    },
+    /// The message matched no queue, so nobody would ever have seen it.
+    #[error("message published to {exchange} with routing key {routing_key} was unroutable")]
+    Unroutable {
+        /// Exchange published to.
+        exchange: String,
+        /// Routing key used.
+        routing_key: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn amqp(
+        operation: &'static str,
+        target: impl Into<String>,
+    ) -> impl FnOnce(lapin::Error) -> Self {
+        let target = target.into();
+        move |source| Self::Amqp {
+            operation,
+            target,
+            source,
+        }
+    }
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Opens a connection to the broker at `url` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`).
+///
+/// The URL is never logged or put in errors since it may carry a password.
+pub async fn connect(url: &str) -> Result<lapin::Connection> {
+    lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .map_err(Error::Connect)
+}

@@ -1,0 +1,464 @@
+//! A batching consumer with manual acks, dead-lettering, bounded retries, pause and graceful shutdown.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+        BasicQosOptions, ConfirmSelectOptions,
+    },
+    types::FieldTable,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::{
+    Error, FIRST_FAILURE_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, Result, Topology,
+    headers, publisher::publish_confirmed,
+};
+
+/// Header naming the queue a message was dead-lettered from.
+pub(crate) const QUEUE_HEADER: &str = "x-optout-queue";
+/// Header with the time (unix milliseconds) a message was last dead-lettered.
+pub(crate) const LAST_FAILURE_HEADER: &str = "x-optout-last-failure";
+
+/// What to do with one message after the handler saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done (side effects committed): acknowledge.
+    Ack,
+    /// Will never succeed: move to the queue's DLQ with this reason, then acknowledge.
+    DeadLetter(String),
+    /// Failed for now: requeue after a short backoff. The queue's delivery limit bounds the retries.
+    Retry(String),
+}
+
+/// One decoded delivery handed to a handler.
+#[derive(Clone, Debug)]
+pub struct Message<M> {
+    /// The decoded protobuf body.
+    pub body: M,
+    /// The publisher's `message_id` (empty if it set none).
+    pub message_id: String,
+    /// True when the broker delivered this message before (to us or another consumer).
+    pub redelivered: bool,
+    /// The AMQP headers, e.g. `traceparent`.
+    pub headers: FieldTable,
+}
+
+/// How [`consume`] takes deliveries.
+#[derive(Clone, Debug)]
+pub struct ConsumeOptions {
+    /// Unacknowledged deliveries the broker may push ahead (per consumer); at least `max_batch`.
+    pub prefetch: u16,
+    /// Largest batch handed to the handler.
+    pub max_batch: usize,
+    /// Longest wait for a batch to fill once its first message arrived.
+    pub max_wait: Duration,
+    /// While true the consumer is cancelled and takes no deliveries.
+    pub paused: watch::Receiver<bool>,
+    /// Incremented per delivery taken, decremented once it is acked, dead-lettered or requeued.
+    pub in_flight: Arc<AtomicU64>,
+}
+
+/// Why a consume session ended.
+enum SessionEnd {
+    Paused,
+    Shutdown,
+}
+
+/// Consumes `queue` until `shutdown`; hands the handler batches of decoded messages (up to `max_batch`,
+/// waiting at most `max_wait` for a batch to fill), then acks / dead-letters / requeues each by its
+/// [`Outcome`] (the handler returns one per message, in order). Undecodable bodies go to the DLQ with reason
+/// `undecodable protobuf: ...` without reaching the handler. While `paused` is true it takes no deliveries.
+/// On shutdown it stops taking deliveries, finishes the batch in hand and returns `Ok(())`.
+pub async fn consume<M, F, Fut>(
+    connection: &Connection,
+    topology: &Topology,
+    queue: &str,
+    options: ConsumeOptions,
+    shutdown: CancellationToken,
+    mut handler: F,
+) -> Result<()>
+where
+    M: prost::Message + Default + Send + 'static,
+    F: FnMut(Vec<Message<M>>) -> Fut + Send,
+    Fut: Future<Output = Vec<Outcome>> + Send,
+{
+    let dead_letter_channel = connection
+        .create_channel()
+        .await
+        .map_err(Error::amqp("channel.open", queue))?;
+    dead_letter_channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(Error::amqp("confirm.select", queue))?;
+    let worker = Worker {
+        queue,
+        dead_letter_queue: topology.dead_letter_queue(queue),
+        dead_letter_channel,
+        in_flight: options.in_flight.clone(),
+    };
+    let mut paused = options.paused.clone();
+    loop {
+        if !wait_until_resumed(&mut paused, &shutdown).await {
+            return Ok(());
+        }
+        // A channel per session: closing it at the end returns every delivery the broker pushed ahead
+        // (prefetched, never handed to us) to the queue, which a bare basic.cancel would leave unacked.
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(Error::amqp("channel.open", queue))?;
+        let session = run_session(
+            &channel,
+            &worker,
+            &options,
+            &mut paused,
+            &shutdown,
+            &mut handler,
+        )
+        .await;
+        close_quietly(&channel).await;
+        match session? {
+            SessionEnd::Shutdown => return Ok(()),
+            SessionEnd::Paused => debug!(queue, "consumer paused"),
+        }
+    }
+}
+
+/// Waits while paused. False when shutdown came first.
+async fn wait_until_resumed(
+    paused: &mut watch::Receiver<bool>,
+    shutdown: &CancellationToken,
+) -> bool {
+    loop {
+        if shutdown.is_cancelled() {
+            return false;
+        }
+        if !*paused.borrow_and_update() {
+            return true;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            changed = paused.changed() => {
+                if changed.is_err() {
+                    // Nobody can resume us any more: stay paused until shutdown.
+                    shutdown.cancelled().await;
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once `paused` is true; never if its sender is gone.
+async fn paused_now(paused: &mut watch::Receiver<bool>) {
+    loop {
+        if *paused.borrow_and_update() {
+            return;
+        }
+        if paused.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn close_quietly(channel: &Channel) {
+    if let Err(error) = channel.close(200, "consumer stopped".into()).await {
+        debug!(%error, "failed to close consumer channel");
+    }
+}
+
+async fn run_session<M, F, Fut>(
+    channel: &Channel,
+    worker: &Worker<'_>,
+    options: &ConsumeOptions,
+    paused: &mut watch::Receiver<bool>,
+    shutdown: &CancellationToken,
+    handler: &mut F,
+) -> Result<SessionEnd>
+where
+    M: prost::Message + Default + Send + 'static,
+    F: FnMut(Vec<Message<M>>) -> Fut + Send,
+    Fut: Future<Output = Vec<Outcome>> + Send,
+{
+    let queue = worker.queue;
+    // Per-consumer prefetch (global: false) bounds the unacked deliveries this consumer holds, so a slow
+    // replica does not hoard messages other replicas could take. https://www.rabbitmq.com/docs/consumer-prefetch
+    let prefetch = options
+        .prefetch
+        .max(u16::try_from(options.max_batch).unwrap_or(u16::MAX))
+        .max(1);
+    channel
+        .basic_qos(prefetch, BasicQosOptions { global: false })
+        .await
+        .map_err(Error::amqp("basic.qos", queue))?;
+    // Unique tag: several replicas (and several consumers of one process) consume the same queue.
+    let consumer_tag = format!("{queue}.{}", uuid::Uuid::new_v4());
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            consumer_tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(Error::amqp("basic.consume", queue))?;
+    let max_batch = options.max_batch.max(1);
+
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return cancel(channel, &consumer_tag, SessionEnd::Shutdown).await,
+            () = paused_now(paused) => return cancel(channel, &consumer_tag, SessionEnd::Paused).await,
+            next = consumer.next() => next_delivery(next, queue)?,
+        };
+        worker.in_flight.fetch_add(1, Ordering::SeqCst);
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + options.max_wait;
+        let mut stop_after_batch = None;
+        let mut failure = None;
+        while batch.len() < max_batch {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    stop_after_batch = Some(SessionEnd::Shutdown);
+                    break;
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+                next = consumer.next() => match next_delivery(next, queue) {
+                    Ok(delivery) => {
+                        worker.in_flight.fetch_add(1, Ordering::SeqCst);
+                        batch.push(delivery);
+                    }
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                },
+            }
+        }
+        worker.process(batch, handler, shutdown).await?;
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        if shutdown.is_cancelled() {
+            stop_after_batch = Some(SessionEnd::Shutdown);
+        } else if *paused.borrow() {
+            stop_after_batch = Some(SessionEnd::Paused);
+        }
+        if let Some(end) = stop_after_batch {
+            return cancel(channel, &consumer_tag, end).await;
+        }
+    }
+}
+
+fn next_delivery(next: Option<lapin::Result<Delivery>>, queue: &str) -> Result<Delivery> {
+    match next {
+        Some(Ok(delivery)) => Ok(delivery),
+        Some(Err(source)) => Err(Error::Amqp {
+            operation: "basic.deliver",
+            target: queue.to_owned(),
+            source,
+        }),
+        None => Err(Error::ConsumerCancelled {
+            queue: queue.to_owned(),
+        }),
+    }
+}
+
+/// Stops deliveries to this consumer; whatever was prefetched returns to the queue when the channel closes.
+async fn cancel(channel: &Channel, consumer_tag: &str, end: SessionEnd) -> Result<SessionEnd> {
+    if let Err(error) = channel
+        .basic_cancel(consumer_tag.into(), BasicCancelOptions::default())
+        .await
+    {
+        debug!(%error, consumer_tag, "failed to cancel consumer");
+    }
+    Ok(end)
+}
+
+/// What the per-batch processing needs.
+struct Worker<'a> {
+    queue: &'a str,
+    dead_letter_queue: String,
+    dead_letter_channel: Channel,
+    in_flight: Arc<AtomicU64>,
+}
+
+impl Worker<'_> {
+    async fn process<M, F, Fut>(
+        &self,
+        batch: Vec<Delivery>,
+        handler: &mut F,
+        shutdown: &CancellationToken,
+    ) -> Result<()>
+    where
+        M: prost::Message + Default + Send + 'static,
+        F: FnMut(Vec<Message<M>>) -> Fut + Send,
+        Fut: Future<Output = Vec<Outcome>> + Send,
+    {
+        let mut decoded = Vec::with_capacity(batch.len());
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            match M::decode(delivery.data.as_slice()) {
+                Ok(body) => {
+                    let headers = delivery.properties.headers().clone().unwrap_or_default();
+                    decoded.push(Message {
+                        body,
+                        message_id: delivery
+                            .properties
+                            .message_id()
+                            .as_ref()
+                            .map(|id| id.as_str().to_owned())
+                            .unwrap_or_default(),
+                        redelivered: delivery.redelivered,
+                        headers,
+                    });
+                    deliveries.push(delivery);
+                }
+                Err(error) => {
+                    self.dead_letter(&delivery, &format!("undecodable protobuf: {error}"))
+                        .await?;
+                }
+            }
+        }
+        if decoded.is_empty() {
+            return Ok(());
+        }
+
+        let expected = decoded.len();
+        let mut outcomes = handler(decoded).await;
+        if outcomes.len() != expected {
+            warn!(
+                queue = self.queue,
+                expected,
+                returned = outcomes.len(),
+                "handler returned the wrong number of outcomes"
+            );
+        }
+        outcomes.resize(
+            expected,
+            Outcome::Retry("handler returned no outcome".to_owned()),
+        );
+
+        let mut retries = Vec::new();
+        for (delivery, outcome) in deliveries.into_iter().zip(outcomes) {
+            match outcome {
+                Outcome::Ack => self.ack(&delivery).await?,
+                Outcome::DeadLetter(reason) => self.dead_letter(&delivery, &reason).await?,
+                Outcome::Retry(reason) => {
+                    debug!(queue = self.queue, %reason, "requeueing message");
+                    retries.push(delivery);
+                }
+            }
+        }
+        if !retries.is_empty() {
+            let backoff = retries.iter().map(retry_backoff).max().unwrap_or_default();
+            // Back off before requeueing, since the broker redelivers at once; shutdown cuts it short.
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(backoff) => {}
+            }
+            for delivery in retries {
+                self.requeue(&delivery).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<()> {
+        let result = delivery.ack(BasicAckOptions::default()).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        result.map_err(Error::amqp("basic.ack", self.queue))?;
+        Ok(())
+    }
+
+    async fn requeue(&self, delivery: &Delivery) -> Result<()> {
+        let result = delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        result.map_err(Error::amqp("basic.nack", self.queue))?;
+        Ok(())
+    }
+
+    /// Copies the delivery to the DLQ with the reason in its headers, then acks it. If the copy fails the
+    /// delivery is requeued instead, so a message is never dropped.
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
+        warn!(queue = self.queue, reason, "dead-lettering message");
+        let properties = dead_letter_properties(
+            &delivery.properties,
+            self.queue,
+            delivery.routing_key.as_str(),
+            reason,
+        );
+        // The default exchange routes by queue name, straight into the DLQ.
+        let published = publish_confirmed(
+            &self.dead_letter_channel,
+            "",
+            &self.dead_letter_queue,
+            &delivery.data,
+            properties,
+        )
+        .await;
+        match published {
+            Ok(()) => self.ack(delivery).await,
+            Err(error) => {
+                warn!(%error, queue = self.queue, "failed to dead-letter message, requeueing it");
+                self.requeue(delivery).await
+            }
+        }
+    }
+}
+
+/// The original properties with the dead-letter headers added; a previous first failure is kept.
+pub(crate) fn dead_letter_properties(
+    original: &BasicProperties,
+    queue: &str,
+    routing_key: &str,
+    reason: &str,
+) -> BasicProperties {
+    let mut table = original.headers().clone().unwrap_or_default();
+    let first_failure =
+        headers::integer(&table, FIRST_FAILURE_HEADER).unwrap_or_else(headers::now_unix_ms);
+    let original_routing_key = headers::string(&table, ORIGINAL_ROUTING_KEY_HEADER)
+        .unwrap_or_else(|| routing_key.to_owned());
+    headers::insert_string(&mut table, REASON_HEADER, reason);
+    headers::insert_string(
+        &mut table,
+        ORIGINAL_ROUTING_KEY_HEADER,
+        &original_routing_key,
+    );
+    headers::insert_integer(&mut table, FIRST_FAILURE_HEADER, first_failure);
+    headers::insert_integer(&mut table, LAST_FAILURE_HEADER, headers::now_unix_ms());
+    headers::insert_string(&mut table, QUEUE_HEADER, queue);
+    original.clone().with_headers(table).with_delivery_mode(2)
+}
+
+/// 100 ms doubling per earlier delivery (quorum queues count them in `x-delivery-count`), at most 5 s.
+fn retry_backoff(delivery: &Delivery) -> Duration {
+    let deliveries = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|table| headers::integer(table, "x-delivery-count"))
+        .unwrap_or(0)
+        .clamp(0, 6);
+    Duration::from_millis(100u64 << deliveries).min(Duration::from_secs(5))
+}

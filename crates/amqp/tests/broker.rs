@@ -1,0 +1,479 @@
+//! Integration tests against the local RabbitMQ (`amqp://guest:guest@127.0.0.1:5672/%2f`, or `OPTOUT_TEST_AMQP_URL`).
+//! Each test uses its own prefix, so its exchange and queues are its own, and deletes them at the end.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use lapin::{BasicProperties, Connection, options::BasicPublishOptions};
+use optout_amqp::{
+    ConsumeOptions, Message, Outcome, Publisher, Topology, consume, dead_letters, declare,
+    queue_depth, teardown,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// A small message type of our own, so these tests do not depend on the service protos.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Ping {
+    #[prost(string, tag = "1")]
+    id: String,
+}
+
+impl prost::Name for Ping {
+    const NAME: &'static str = "Ping";
+    const PACKAGE: &'static str = "optout.test.v1";
+}
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn amqp_url() -> String {
+    std::env::var("OPTOUT_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+struct Broker {
+    connection: Arc<Connection>,
+    topology: Topology,
+}
+
+impl Broker {
+    async fn start() -> anyhow::Result<Self> {
+        let connection = optout_amqp::connect(&amqp_url())
+            .await
+            .context("RabbitMQ must run on 127.0.0.1:5672 (guest/guest); start it with `service rabbitmq-server start`")?;
+        let prefix = format!("t-{}.", uuid::Uuid::new_v4());
+        let topology = Topology::new("optout", &prefix, 2);
+        let channel = connection.create_channel().await?;
+        declare(&channel, &topology).await?;
+        Ok(Self {
+            connection: Arc::new(connection),
+            topology,
+        })
+    }
+
+    async fn depth(&self, queue: &str) -> anyhow::Result<(u64, u32)> {
+        let channel = self.connection.create_channel().await?;
+        let depth = queue_depth(&channel, queue).await?;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(depth)
+    }
+
+    async fn publish_raw(&self, routing_key: &str, body: &[u8]) -> anyhow::Result<()> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .basic_publish(
+                self.topology.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_message_id("raw-1".into()),
+            )
+            .await?
+            .await?;
+        Ok(())
+    }
+
+    async fn teardown(self) -> anyhow::Result<()> {
+        let channel = self.connection.create_channel().await?;
+        teardown(&channel, &self.topology).await?;
+        Ok(())
+    }
+}
+
+/// A running `consume` whose handler forwards every message to `received` and answers with `answer`.
+struct Running {
+    shutdown: CancellationToken,
+    paused: watch::Sender<bool>,
+    in_flight: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<optout_amqp::Result<()>>,
+}
+
+impl Running {
+    fn start<A>(
+        broker: &Broker,
+        queue: &str,
+        received: mpsc::UnboundedSender<Message<Ping>>,
+        answer: A,
+    ) -> Self
+    where
+        A: Fn(&Message<Ping>) -> Outcome + Send + 'static,
+    {
+        let shutdown = CancellationToken::new();
+        let (paused, paused_receiver) = watch::channel(false);
+        let in_flight = Arc::new(AtomicU64::new(0));
+        let options = ConsumeOptions {
+            prefetch: 10,
+            max_batch: 5,
+            max_wait: Duration::from_millis(100),
+            paused: paused_receiver,
+            in_flight: in_flight.clone(),
+        };
+        let connection = broker.connection.clone();
+        let topology = broker.topology.clone();
+        let queue = queue.to_owned();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            consume(
+                &connection,
+                &topology,
+                &queue,
+                options,
+                token,
+                move |batch: Vec<Message<Ping>>| {
+                    let outcomes: Vec<Outcome> = batch.iter().map(&answer).collect();
+                    for message in batch {
+                        let _ = received.send(message);
+                    }
+                    async move { outcomes }
+                },
+            )
+            .await
+        });
+        Self {
+            shutdown,
+            paused,
+            in_flight,
+            task,
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(DEADLINE, self.task).await???;
+        assert_eq!(
+            self.in_flight.load(Ordering::SeqCst),
+            0,
+            "every delivery was settled"
+        );
+        Ok(())
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn recv(
+    receiver: &mut mpsc::UnboundedReceiver<Message<Ping>>,
+) -> anyhow::Result<Message<Ping>> {
+    tokio::time::timeout(DEADLINE, receiver.recv())
+        .await
+        .context("timed out waiting for a message")?
+        .context("consumer stopped")
+}
+
+fn ping(id: &str) -> Ping {
+    Ping { id: id.to_owned() }
+}
+
+#[tokio::test]
+async fn published_messages_reach_the_consumer_with_their_properties() -> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    for index in 0..7 {
+        publisher
+            .publish("members.changed", &ping(&format!("m{index}")))
+            .await?;
+    }
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let running = Running::start(
+        &broker,
+        &broker.topology.members_changed_queue(),
+        sender,
+        |_| Outcome::Ack,
+    );
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        let message = recv(&mut receiver).await?;
+        assert!(!message.message_id.is_empty());
+        assert!(!message.redelivered);
+        ids.push(message.body.id);
+    }
+    ids.sort();
+    assert_eq!(ids, ["m0", "m1", "m2", "m3", "m4", "m5", "m6"]);
+    let queue = broker.topology.members_changed_queue();
+    eventually("the queue to drain", || async {
+        Ok(broker.depth(&queue).await?.0 == 0)
+    })
+    .await?;
+    running.stop().await?;
+    broker.teardown().await
+}
+
+#[tokio::test]
+async fn publishing_to_an_unbound_routing_key_is_an_error() -> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    let result = publisher.publish("nobody.listens", &ping("lost")).await;
+    assert!(
+        matches!(result, Err(optout_amqp::Error::Unroutable { .. })),
+        "{result:?}"
+    );
+    broker.teardown().await
+}
+
+#[tokio::test]
+async fn undecodable_body_lands_in_the_dead_letter_queue_with_its_reason() -> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    let queue = broker.topology.members_changed_queue();
+    // A varint whose continuation bits never end: not protobuf.
+    broker
+        .publish_raw("members.changed", &[0xff, 0xff, 0xff])
+        .await?;
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let running = Running::start(&broker, &queue, sender, |_| Outcome::Ack);
+    let connection = broker.connection.clone();
+    let topology = broker.topology.clone();
+    eventually("the dead letter", || async {
+        Ok(dead_letters::list(&connection, &topology, &queue, 10)
+            .await?
+            .len()
+            == 1)
+    })
+    .await?;
+    running.stop().await?;
+    assert!(
+        receiver.try_recv().is_err(),
+        "the handler never saw the undecodable body"
+    );
+
+    let listed = dead_letters::list(&broker.connection, &broker.topology, &queue, 10).await?;
+    let dead_letter = &listed[0];
+    assert!(
+        dead_letter.reason.starts_with("undecodable protobuf"),
+        "{dead_letter:?}"
+    );
+    assert_eq!(dead_letter.routing_key, "members.changed");
+    assert_eq!(dead_letter.queue, queue);
+    assert_eq!(dead_letter.message_id, "raw-1");
+    assert_eq!(dead_letter.body_bytes, 3);
+    assert!(dead_letter.first_failure_ms.is_some());
+    // Listing leaves the message where it is.
+    let dead_letter_queue = broker.topology.dead_letter_queue(&queue);
+    eventually("the dead letter to be back", || async {
+        Ok(broker.depth(&dead_letter_queue).await?.0 == 1)
+    })
+    .await?;
+    assert_eq!(
+        dead_letters::purge(&broker.connection, &broker.topology, &queue).await?,
+        1
+    );
+    assert_eq!(broker.depth(&dead_letter_queue).await?.0, 0);
+    broker.teardown().await
+}
+
+#[tokio::test]
+async fn dead_lettered_message_can_be_replayed_to_its_routing_key() -> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    let queue = broker.topology.members_changed_queue();
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    publisher
+        .publish("members.changed", &ping("poison"))
+        .await?;
+    publisher.publish("members.changed", &ping("fine")).await?;
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let running = Running::start(&broker, &queue, sender, |message| {
+        if message.body.id == "poison" {
+            Outcome::DeadLetter("bad member".to_owned())
+        } else {
+            Outcome::Ack
+        }
+    });
+    recv(&mut receiver).await?;
+    recv(&mut receiver).await?;
+    running.stop().await?;
+
+    let listed = dead_letters::list(&broker.connection, &broker.topology, &queue, 10).await?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].reason, "bad member");
+    assert_eq!(listed[0].type_name, "optout.test.v1.Ping");
+    let unknown = dead_letters::replay(
+        &broker.connection,
+        &broker.topology,
+        &queue,
+        &["nope".to_owned()],
+        false,
+    )
+    .await?;
+    assert_eq!(unknown, 0);
+    let replayed = dead_letters::replay(
+        &broker.connection,
+        &broker.topology,
+        &queue,
+        &[listed[0].message_id.clone()],
+        false,
+    )
+    .await?;
+    assert_eq!(replayed, 1);
+    let dead_letter_queue = broker.topology.dead_letter_queue(&queue);
+    eventually("the replay to move the message", || async {
+        Ok(broker.depth(&dead_letter_queue).await?.0 == 0 && broker.depth(&queue).await?.0 == 1)
+    })
+    .await?;
+
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let running = Running::start(&broker, &queue, sender, |_| Outcome::Ack);
+    let message = recv(&mut receiver).await?;
+    assert_eq!(message.body.id, "poison");
+    assert_eq!(
+        message.message_id, listed[0].message_id,
+        "replay keeps the message id"
+    );
+    running.stop().await?;
+    broker.teardown().await
+}
+
+#[tokio::test]
+async fn retried_message_is_requeued_and_redelivered() -> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    let queue = broker.topology.members_changed_queue();
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    publisher.publish("members.changed", &ping("flaky")).await?;
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let running = Running::start(&broker, &queue, sender, |message| {
+        if message.redelivered {
+            Outcome::Ack
+        } else {
+            Outcome::Retry("database unavailable".to_owned())
+        }
+    });
+    let first = recv(&mut receiver).await?;
+    let second = recv(&mut receiver).await?;
+    assert_eq!(first.body.id, "flaky");
+    assert!(!first.redelivered);
+    assert_eq!(second.body.id, "flaky");
+    assert!(second.redelivered);
+    eventually("the queue to drain", || async {
+        Ok(broker.depth(&queue).await?.0 == 0)
+    })
+    .await?;
+    running.stop().await?;
+    let dead_letter_queue = broker.topology.dead_letter_queue(&queue);
+    assert_eq!(broker.depth(&dead_letter_queue).await?.0, 0);
+    broker.teardown().await
+}
+
+#[tokio::test]
+async fn paused_consumer_takes_no_deliveries_until_resumed() -> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    let queue = broker.topology.members_changed_queue();
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let running = Running::start(&broker, &queue, sender, |_| Outcome::Ack);
+    publisher
+        .publish("members.changed", &ping("before"))
+        .await?;
+    assert_eq!(recv(&mut receiver).await?.body.id, "before");
+
+    running.paused.send(true)?;
+    eventually("the consumer to be cancelled", || async {
+        Ok(broker.depth(&queue).await?.1 == 0)
+    })
+    .await?;
+    publisher
+        .publish("members.changed", &ping("while paused"))
+        .await?;
+    eventually("the message to wait in the queue", || async {
+        Ok(broker.depth(&queue).await? == (1, 0))
+    })
+    .await?;
+    assert!(
+        receiver.try_recv().is_err(),
+        "nothing delivered while paused"
+    );
+
+    running.paused.send(false)?;
+    assert_eq!(recv(&mut receiver).await?.body.id, "while paused");
+    running.stop().await?;
+    broker.teardown().await
+}
+
+#[tokio::test]
+async fn single_active_consumer_gives_a_partition_to_one_consumer_at_a_time() -> anyhow::Result<()>
+{
+    let broker = Broker::start().await?;
+    let partition_queue = broker.topology.persons_dirty_queue(0);
+    let routing_key = broker.topology.persons_dirty_routing_key(0);
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    let (sender, mut receiver) = mpsc::unbounded_channel::<(u8, Message<Ping>)>();
+    let start = |consumer: u8| {
+        let (forward, mut forwarded) = mpsc::unbounded_channel();
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            while let Some(message) = forwarded.recv().await {
+                let _ = sender.send((consumer, message));
+            }
+        });
+        Running::start(&broker, &partition_queue, forward, |_| Outcome::Ack)
+    };
+    let first = start(1);
+    eventually("the first consumer", || async {
+        Ok(broker.depth(&partition_queue).await?.1 == 1)
+    })
+    .await?;
+    let second = start(2);
+    // The broker counts only the active consumer of a single-active-consumer queue, so the standby cannot be
+    // awaited this way; publishing in two rounds gives it ample time to register before the second round.
+    let mut consumers = Vec::new();
+    for round in 0..2 {
+        for index in 0..10 {
+            publisher
+                .publish(&routing_key, &ping(&format!("p{round}-{index}")))
+                .await?;
+        }
+        for _ in 0..10 {
+            let (consumer, _message) = tokio::time::timeout(DEADLINE, receiver.recv())
+                .await?
+                .context("stopped")?;
+            consumers.push(consumer);
+        }
+    }
+    assert_eq!(
+        broker.depth(&partition_queue).await?.1,
+        1,
+        "one active consumer"
+    );
+    let active = consumers[0];
+    assert!(
+        consumers.iter().all(|consumer| *consumer == active),
+        "one consumer took all: {consumers:?}"
+    );
+
+    // When the active consumer goes away, the standby takes over.
+    let (active_running, standby_running) = if active == 1 {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    active_running.stop().await?;
+    publisher
+        .publish(&routing_key, &ping("after failover"))
+        .await?;
+    let (consumer, message) = tokio::time::timeout(DEADLINE, receiver.recv())
+        .await?
+        .context("stopped")?;
+    assert_ne!(consumer, active);
+    assert_eq!(message.body.id, "after failover");
+    standby_running.stop().await?;
+    broker.teardown().await
+}
