@@ -1,0 +1,593 @@
+//! The evaluator's PostgreSQL state: members, their transitions and the decision per email.
+//!
+//! Replicas share the schema. Every batch runs in one transaction that first locks the person rows of all its
+//! emails in sorted order, so two replicas handling the same email serialize (and cannot deadlock), and the
+//! decision is always computed from the complete, current member set.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, SubsecRound, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row, postgres::PgPoolOptions};
+
+use crate::{
+    Result,
+    rule::{Decision, MemberStatus, MemberView, Scope, decide},
+};
+
+/// Trims and lower-cases an email address: Mailchimp and Salesforce match case-insensitively.
+pub fn normalize_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+/// Creates `schema` if missing, opens a pool whose connections all use it, and runs the migrations.
+pub async fn connect(
+    database_url: &SecretString,
+    schema: &str,
+    max_connections: u32,
+) -> Result<PgPool> {
+    if !crate::config::is_identifier(schema) {
+        return Err(crate::Error::Config(format!(
+            "database schema must match [a-z_][a-z0-9_]*, got {schema:?}"
+        )));
+    }
+    let mut connection = PgConnection::connect(database_url.expose_secret()).await?;
+    // Replicas start together: CREATE SCHEMA IF NOT EXISTS can still fail on a concurrent create, so take a
+    // transaction-scoped advisory lock around it.
+    let mut transaction = connection.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("optout schema {schema}"))
+        .execute(&mut *transaction)
+        .await?;
+    // The schema name was validated as an identifier (Config::validate), so splicing it is safe.
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        r#"CREATE SCHEMA IF NOT EXISTS "{schema}""#
+    )))
+    .execute(&mut *transaction)
+    .await?;
+    transaction.commit().await?;
+    connection.close().await?;
+
+    let search_path = format!(r#"SET search_path TO "{schema}""#);
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .after_connect(move |connection, _metadata| {
+            let search_path = search_path.clone();
+            Box::pin(async move {
+                sqlx::raw_sql(AssertSqlSafe(search_path))
+                    .execute(connection)
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect(database_url.expose_secret())
+        .await?;
+    // The _sqlx_migrations table lands in our schema through the search path.
+    sqlx::migrate!("./migrations").run(&pool).await?;
+    Ok(pool)
+}
+
+/// One member snapshot, validated and normalised.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Normalised email.
+    pub email: String,
+    /// Mailchimp audience id.
+    pub audience_id: String,
+    /// Reported status.
+    pub status: MemberStatus,
+    /// Mailchimp's `last_changed`, truncated to PostgreSQL's microseconds so equal times compare equal.
+    pub last_changed: DateTime<Utc>,
+    /// `poll`, `webhook` or `api`.
+    pub learned_from: &'static str,
+    /// Part of an audience's first sync: a new subscribed member is a baseline, not evidence.
+    pub first_sync: bool,
+}
+
+impl Snapshot {
+    /// Truncates `last_changed` to microseconds, the precision PostgreSQL stores.
+    pub fn with_stored_precision(mut self) -> Self {
+        self.last_changed = self.last_changed.trunc_subsecs(6);
+        self
+    }
+}
+
+/// The state of one email after a batch committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersonState {
+    /// Normalised email.
+    pub email: String,
+    /// Current decision.
+    pub decision: Decision,
+    /// Whether opt-in evidence waits to be applied.
+    pub has_evidence: bool,
+}
+
+/// The stored decision of one email.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDecision {
+    /// Normalised email.
+    pub email: String,
+    /// The decision.
+    pub decision: Decision,
+    /// The rule that produced it.
+    pub rule: String,
+    /// Moves on every change of decision or evidence; 0 for an unknown email.
+    pub version: i64,
+    /// Pending opt-in evidence, 0 when none.
+    pub opt_in_evidence_id: i64,
+}
+
+impl StoredDecision {
+    fn unknown(email: String) -> Self {
+        Self {
+            email,
+            decision: Decision::NoChange,
+            rule: crate::rule::RULE_NO_MEMBERS.to_owned(),
+            version: 0,
+            opt_in_evidence_id: 0,
+        }
+    }
+}
+
+/// A member row, for Explain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMember {
+    /// Audience id.
+    pub audience_id: String,
+    /// Status as stored.
+    pub status: String,
+    /// Mailchimp's last_changed.
+    pub last_changed: DateTime<Utc>,
+    /// Where it was learned.
+    pub learned_from: String,
+}
+
+/// A transition row, for Explain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredTransition {
+    /// Audience id.
+    pub audience_id: String,
+    /// Previous status, empty when first seen.
+    pub from_status: String,
+    /// New status.
+    pub to_status: String,
+    /// Mailchimp's last_changed of the new status.
+    pub last_changed: DateTime<Utc>,
+    /// When the evaluator recorded it.
+    pub seen_at: DateTime<Utc>,
+    /// Where it was learned.
+    pub learned_from: String,
+}
+
+/// A member as held in memory while a batch is applied.
+#[derive(Clone, Debug)]
+struct MemberRow {
+    status: MemberStatus,
+    last_changed: DateTime<Utc>,
+    learned_from: String,
+    changed: bool,
+}
+
+/// A person row as held in memory while a batch is applied.
+#[derive(Clone, Debug)]
+struct PersonRow {
+    decision: Decision,
+    rule: String,
+    version: i64,
+    evidence: Option<i64>,
+}
+
+/// Applies `snapshots` (in order) in one transaction and returns the resulting state of every email they touch.
+///
+/// Stale snapshots (older `last_changed` than stored) are ignored and an identical one is a no-op, so
+/// replays and reordering are harmless.
+pub async fn apply_batch(
+    pool: &PgPool,
+    scope: &Scope,
+    snapshots: &[Snapshot],
+) -> Result<Vec<PersonState>> {
+    let emails: Vec<String> = snapshots
+        .iter()
+        .map(|snapshot| snapshot.email.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if emails.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut transaction = pool.begin().await?;
+
+    // Lock every person of the batch in email order; rows that do not exist yet are created first.
+    sqlx::query(
+        "INSERT INTO persons (email, decision, rule, version) \
+         SELECT email, 'no_change', $2, 0 FROM unnest($1::text[]) AS email ORDER BY email \
+         ON CONFLICT (email) DO NOTHING",
+    )
+    .bind(&emails)
+    .bind(crate::rule::RULE_NO_MEMBERS)
+    .execute(&mut *transaction)
+    .await?;
+    let person_rows = sqlx::query(
+        "SELECT email, decision, rule, version, opt_in_evidence_id FROM persons \
+         WHERE email = ANY($1) ORDER BY email FOR UPDATE",
+    )
+    .bind(&emails)
+    .fetch_all(&mut *transaction)
+    .await?;
+    let mut persons: BTreeMap<String, PersonRow> = BTreeMap::new();
+    for row in person_rows {
+        persons.insert(
+            row.try_get("email")?,
+            PersonRow {
+                decision: Decision::from_stored(row.try_get::<&str, _>("decision")?),
+                rule: row.try_get("rule")?,
+                version: row.try_get("version")?,
+                evidence: row.try_get("opt_in_evidence_id")?,
+            },
+        );
+    }
+
+    // Every member of these emails, in every audience: the decision needs all of them. The person locks above
+    // already serialize writers of these rows.
+    let member_rows = sqlx::query(
+        "SELECT email, audience_id, status, last_changed, learned_from FROM members WHERE email = ANY($1)",
+    )
+    .bind(&emails)
+    .fetch_all(&mut *transaction)
+    .await?;
+    let mut members: BTreeMap<(String, String), MemberRow> = BTreeMap::new();
+    for row in member_rows {
+        let status_text: String = row.try_get("status")?;
+        let Ok(status) = status_text.parse::<MemberStatus>() else {
+            tracing::warn!(
+                status = status_text,
+                "ignoring member row with unknown status"
+            );
+            continue;
+        };
+        members.insert(
+            (row.try_get("email")?, row.try_get("audience_id")?),
+            MemberRow {
+                status,
+                last_changed: row.try_get("last_changed")?,
+                learned_from: row.try_get("learned_from")?,
+                changed: false,
+            },
+        );
+    }
+
+    // Apply the snapshots in memory, collecting transitions and fresh opt-in evidence.
+    let mut transitions = Transitions::default();
+    let mut fresh_evidence: BTreeSet<String> = BTreeSet::new();
+    for snapshot in snapshots {
+        let key = (snapshot.email.clone(), snapshot.audience_id.clone());
+        let previous = members.get(&key);
+        if let Some(previous) = previous {
+            if snapshot.last_changed < previous.last_changed {
+                continue; // stale: an older snapshot arriving late, or a replay
+            }
+            if snapshot.last_changed == previous.last_changed && snapshot.status == previous.status
+            {
+                continue; // the same snapshot again
+            }
+        }
+        let previous_status = previous.map(|previous| previous.status);
+        // Opt-in evidence: Mailchimp set a member back to subscribed, or a subscribed member appeared after its
+        // audience's first sync. A first-sync baseline is not evidence.
+        if snapshot.status == MemberStatus::Subscribed {
+            let resubscribed = match previous_status {
+                Some(status) => status != MemberStatus::Subscribed,
+                None => !snapshot.first_sync,
+            };
+            if resubscribed {
+                fresh_evidence.insert(snapshot.email.clone());
+            }
+        }
+        if previous_status != Some(snapshot.status) {
+            transitions.push(snapshot, previous_status);
+        }
+        members.insert(
+            key,
+            MemberRow {
+                status: snapshot.status,
+                last_changed: snapshot.last_changed,
+                learned_from: snapshot.learned_from.to_owned(),
+                changed: true,
+            },
+        );
+    }
+
+    write_members(&mut transaction, &members).await?;
+    transitions.write(&mut transaction).await?;
+
+    // Recompute each person's decision from all its members.
+    let mut views: HashMap<&str, Vec<MemberView>> = HashMap::new();
+    for ((email, audience_id), member) in &members {
+        views.entry(email.as_str()).or_default().push(MemberView {
+            audience_id: audience_id.clone(),
+            status: member.status,
+        });
+    }
+    let evidence_ids = next_evidence_ids(&mut transaction, fresh_evidence.len()).await?;
+    let mut evidence_ids = evidence_ids.into_iter();
+    let mut updates = PersonUpdates::default();
+    let mut states = Vec::with_capacity(emails.len());
+    for email in &emails {
+        let Some(stored) = persons.get(email) else {
+            continue;
+        };
+        let (decision, rule) = decide(
+            views.get(email.as_str()).map(Vec::as_slice).unwrap_or(&[]),
+            scope,
+        );
+        let mut evidence = stored.evidence;
+        if fresh_evidence.contains(email) {
+            evidence = evidence_ids.next().or(evidence);
+        }
+        // An opt-out supersedes an earlier re-subscribe that was not applied yet.
+        if decision == Decision::OptOut {
+            evidence = None;
+        }
+        let moved = decision != stored.decision || evidence != stored.evidence;
+        let version = if moved {
+            stored.version + 1
+        } else {
+            stored.version
+        };
+        if moved || rule != stored.rule {
+            updates.push(email, decision, rule, version, evidence);
+        }
+        states.push(PersonState {
+            email: email.clone(),
+            decision,
+            has_evidence: evidence.is_some(),
+        });
+    }
+    updates.write(&mut transaction).await?;
+    transaction.commit().await?;
+    Ok(states)
+}
+
+async fn write_members(
+    connection: &mut PgConnection,
+    members: &BTreeMap<(String, String), MemberRow>,
+) -> Result<()> {
+    let mut emails = Vec::new();
+    let mut audiences = Vec::new();
+    let mut statuses = Vec::new();
+    let mut times = Vec::new();
+    let mut sources = Vec::new();
+    for ((email, audience_id), member) in members.iter().filter(|(_, member)| member.changed) {
+        emails.push(email.as_str());
+        audiences.push(audience_id.as_str());
+        statuses.push(member.status.as_str());
+        times.push(member.last_changed);
+        sources.push(member.learned_from.as_str());
+    }
+    if emails.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO members (email, audience_id, status, last_changed, learned_from, updated_at) \
+         SELECT email, audience_id, status, last_changed, learned_from, now() \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[]) \
+           AS u(email, audience_id, status, last_changed, learned_from) \
+         ON CONFLICT (email, audience_id) DO UPDATE SET status = EXCLUDED.status, \
+           last_changed = EXCLUDED.last_changed, learned_from = EXCLUDED.learned_from, updated_at = now()",
+    )
+    .bind(&emails)
+    .bind(&audiences)
+    .bind(&statuses)
+    .bind(&times)
+    .bind(&sources)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+async fn next_evidence_ids(connection: &mut PgConnection, count: usize) -> Result<Vec<i64>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let ids =
+        sqlx::query_scalar("SELECT nextval('opt_in_evidence_ids') FROM generate_series(1, $1)")
+            .bind(i64::try_from(count).unwrap_or(i64::MAX))
+            .fetch_all(connection)
+            .await?;
+    Ok(ids)
+}
+
+/// Transition rows collected during a batch, written with one statement.
+#[derive(Default)]
+struct Transitions {
+    emails: Vec<String>,
+    audiences: Vec<String>,
+    from: Vec<Option<&'static str>>,
+    to: Vec<&'static str>,
+    times: Vec<DateTime<Utc>>,
+    sources: Vec<&'static str>,
+}
+
+impl Transitions {
+    fn push(&mut self, snapshot: &Snapshot, from: Option<MemberStatus>) {
+        self.emails.push(snapshot.email.clone());
+        self.audiences.push(snapshot.audience_id.clone());
+        self.from.push(from.map(MemberStatus::as_str));
+        self.to.push(snapshot.status.as_str());
+        self.times.push(snapshot.last_changed);
+        self.sources.push(snapshot.learned_from);
+    }
+
+    async fn write(&self, connection: &mut PgConnection) -> Result<()> {
+        if self.emails.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO transitions (email, audience_id, from_status, to_status, last_changed, learned_from) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])",
+        )
+        .bind(&self.emails)
+        .bind(&self.audiences)
+        .bind(&self.from)
+        .bind(&self.to)
+        .bind(&self.times)
+        .bind(&self.sources)
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Person rows to update at the end of a batch, written with one statement.
+#[derive(Default)]
+struct PersonUpdates {
+    emails: Vec<String>,
+    decisions: Vec<&'static str>,
+    rules: Vec<&'static str>,
+    versions: Vec<i64>,
+    evidence: Vec<Option<i64>>,
+}
+
+impl PersonUpdates {
+    fn push(
+        &mut self,
+        email: &str,
+        decision: Decision,
+        rule: &'static str,
+        version: i64,
+        evidence: Option<i64>,
+    ) {
+        self.emails.push(email.to_owned());
+        self.decisions.push(decision.as_str());
+        self.rules.push(rule);
+        self.versions.push(version);
+        self.evidence.push(evidence);
+    }
+
+    async fn write(&self, connection: &mut PgConnection) -> Result<()> {
+        if self.emails.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE persons AS p SET decision = u.decision, rule = u.rule, version = u.version, \
+               opt_in_evidence_id = u.evidence, updated_at = now() \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[]) \
+               AS u(email, decision, rule, version, evidence) \
+             WHERE p.email = u.email",
+        )
+        .bind(&self.emails)
+        .bind(&self.decisions)
+        .bind(&self.rules)
+        .bind(&self.versions)
+        .bind(&self.evidence)
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The stored decisions of `emails` (normalised here), in the order asked; unknown emails read as no change,
+/// version 0.
+pub async fn decisions(pool: &PgPool, emails: &[String]) -> Result<Vec<StoredDecision>> {
+    let normalized: Vec<String> = emails.iter().map(|email| normalize_email(email)).collect();
+    let rows = sqlx::query(
+        "SELECT email, decision, rule, version, opt_in_evidence_id FROM persons WHERE email = ANY($1)",
+    )
+    .bind(&normalized)
+    .fetch_all(pool)
+    .await?;
+    let mut found: HashMap<String, StoredDecision> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let email: String = row.try_get("email")?;
+        found.insert(
+            email.clone(),
+            StoredDecision {
+                email,
+                decision: Decision::from_stored(row.try_get::<&str, _>("decision")?),
+                rule: row.try_get("rule")?,
+                version: row.try_get("version")?,
+                opt_in_evidence_id: row
+                    .try_get::<Option<i64>, _>("opt_in_evidence_id")?
+                    .unwrap_or(0),
+            },
+        );
+    }
+    Ok(normalized
+        .into_iter()
+        .map(|email| {
+            found
+                .get(&email)
+                .cloned()
+                .unwrap_or_else(|| StoredDecision::unknown(email))
+        })
+        .collect())
+}
+
+/// Clears the pending opt-in evidence of `email` if it is still `evidence_id`; true when cleared.
+pub async fn ack_opt_in(pool: &PgPool, email: &str, evidence_id: i64) -> Result<bool> {
+    if evidence_id == 0 {
+        return Ok(false);
+    }
+    let result = sqlx::query(
+        "UPDATE persons SET opt_in_evidence_id = NULL, version = version + 1, updated_at = now() \
+         WHERE email = $1 AND opt_in_evidence_id = $2",
+    )
+    .bind(normalize_email(email))
+    .bind(evidence_id)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}
+
+/// Everything known about one email: its decision, members and transitions (oldest first, at most `limit`
+/// most recent).
+pub async fn explain(
+    pool: &PgPool,
+    email: &str,
+    limit: i64,
+) -> Result<(StoredDecision, Vec<StoredMember>, Vec<StoredTransition>)> {
+    let email = normalize_email(email);
+    let decision = decisions(pool, std::slice::from_ref(&email))
+        .await?
+        .pop()
+        .unwrap_or_else(|| StoredDecision::unknown(email.clone()));
+    let members = sqlx::query(
+        "SELECT audience_id, status, last_changed, learned_from FROM members WHERE email = $1 ORDER BY audience_id",
+    )
+    .bind(&email)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|row| {
+        Ok(StoredMember {
+            audience_id: row.try_get("audience_id")?,
+            status: row.try_get("status")?,
+            last_changed: row.try_get("last_changed")?,
+            learned_from: row.try_get("learned_from")?,
+        })
+    })
+    .collect::<Result<Vec<_>>>()?;
+    let mut transitions = sqlx::query(
+        "SELECT audience_id, from_status, to_status, last_changed, seen_at, learned_from FROM transitions \
+         WHERE email = $1 ORDER BY id DESC LIMIT $2",
+    )
+    .bind(&email)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|row| {
+        Ok(StoredTransition {
+            audience_id: row.try_get("audience_id")?,
+            from_status: row.try_get::<Option<String>, _>("from_status")?.unwrap_or_default(),
+            to_status: row.try_get("to_status")?,
+            last_changed: row.try_get("last_changed")?,
+            seen_at: row.try_get("seen_at")?,
+            learned_from: row.try_get("learned_from")?,
+        })
+    })
+    .collect::<Result<Vec<_>>>()?;
+    transitions.reverse();
+    Ok((decision, members, transitions))
+}

@@ -1,0 +1,861 @@
+//! The evaluator run in-process against the local PostgreSQL and RabbitMQ, each test with its own schema and
+//! queue prefix: messages go in on `members.changed`, decisions come out over gRPC and `persons.dirty`.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    future::Future,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use optout_amqp::{
+    ConsumeOptions, Message, Outcome, Publisher, Topology,
+    lapin::{Connection, types::FieldTable},
+};
+use optout_proto::{
+    admin::v1::{
+        GetStatusRequest, ListDeadLettersRequest, PauseRequest, PurgeDeadLettersRequest,
+        ResumeRequest, TriggerSyncRequest, admin_client::AdminClient,
+    },
+    evaluator::v1::{
+        AckOptInRequest, DecideRequest, Decision, ExplainRequest, PersonDecision,
+        decisions_client::DecisionsClient,
+    },
+    queue::v1::{MemberSnapshot, MemberStatus, MembersChanged, PersonsDirty, Source},
+};
+use optout_rule_evaluator::Config;
+use sqlx::{AssertSqlSafe, Connection as _};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    Request,
+    transport::{Channel, Endpoint},
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const TOKEN: &str = "test-admin-token";
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// One test's broker objects and database schema, shared by the evaluators it starts.
+struct World {
+    schema: String,
+    prefix: String,
+    topology: Topology,
+    connection: Connection,
+    publisher: Publisher,
+    dirty: BTreeSet<String>,
+    dirty_messages: usize,
+    dirty_receiver: mpsc::UnboundedReceiver<(String, PersonsDirty)>,
+    consumers: CancellationToken,
+    connection_for_consumers: Arc<Connection>,
+}
+
+/// A running evaluator.
+struct Evaluator {
+    shutdown: CancellationToken,
+    task: JoinHandle<optout_rule_evaluator::Result<()>>,
+    channel: Channel,
+}
+
+impl World {
+    async fn new() -> anyhow::Result<Self> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let prefix = format!("t-{id}.");
+        let topology = Topology::new("optout", &prefix, 4);
+        let connection = optout_amqp::connect(AMQP_URL)
+            .await
+            .context("RabbitMQ must run on 127.0.0.1:5672 (guest/guest)")?;
+        let channel = connection.create_channel().await?;
+        optout_amqp::declare(&channel, &topology).await?;
+        let publisher = Publisher::new(&connection, topology.clone()).await?;
+        // Single-active-consumer quorum queues refuse basic.get, so the test consumes them like a writer would.
+        let connection_for_consumers = Arc::new(optout_amqp::connect(AMQP_URL).await?);
+        let consumers = CancellationToken::new();
+        let (dirty_sender, dirty_receiver) = mpsc::unbounded_channel();
+        for queue in topology.persons_dirty_queues() {
+            let connection = connection_for_consumers.clone();
+            let topology = topology.clone();
+            let sender = dirty_sender.clone();
+            let stop = consumers.clone();
+            let options = ConsumeOptions {
+                prefetch: 10,
+                max_batch: 10,
+                max_wait: Duration::from_millis(10),
+                paused: watch::channel(false).1,
+                in_flight: Arc::default(),
+            };
+            tokio::spawn(async move {
+                let name = queue.clone();
+                optout_amqp::consume(
+                    &connection,
+                    &topology,
+                    &queue,
+                    options,
+                    stop,
+                    move |batch: Vec<Message<PersonsDirty>>| {
+                        let outcomes = vec![Outcome::Ack; batch.len()];
+                        for message in batch {
+                            let _ = sender.send((name.clone(), message.body));
+                        }
+                        async move { outcomes }
+                    },
+                )
+                .await
+            });
+        }
+        Ok(Self {
+            schema: format!("t_{id}"),
+            prefix,
+            topology,
+            connection,
+            publisher,
+            dirty: BTreeSet::new(),
+            dirty_messages: 0,
+            dirty_receiver,
+            consumers,
+            connection_for_consumers,
+        })
+    }
+
+    async fn start(&self) -> anyhow::Result<Evaluator> {
+        let config = optout_rule_evaluator::Config::try_parse_from_args([
+            "--admin-token",
+            TOKEN,
+            "--queue-prefix",
+            &self.prefix,
+            "--database-schema",
+            &self.schema,
+            "--database-url",
+            DATABASE_URL,
+            "--amqp-url",
+            AMQP_URL,
+            "--max-wait-ms",
+            "20",
+        ])?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(optout_rule_evaluator::serve(
+            config,
+            listener,
+            shutdown.clone(),
+        ));
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
+        let evaluator = Evaluator {
+            shutdown,
+            task,
+            channel,
+        };
+        evaluator.wait_serving().await?;
+        Ok(evaluator)
+    }
+
+    async fn publish(&self, message: &MembersChanged) -> anyhow::Result<()> {
+        self.publisher
+            .publish_typed(
+                "members.changed",
+                "optout.queue.v1.MembersChanged",
+                message,
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Takes every `PersonsDirty` received so far into `dirty`.
+    fn drain_dirty(&mut self) -> anyhow::Result<()> {
+        while let Ok((queue, dirty)) = self.dirty_receiver.try_recv() {
+            for email in &dirty.emails {
+                let partition = self.topology.partition_for(email);
+                assert_eq!(
+                    self.topology.persons_dirty_queue(partition),
+                    queue,
+                    "{email} on its partition"
+                );
+            }
+            self.dirty.extend(dirty.emails);
+            self.dirty_messages += 1;
+        }
+        Ok(())
+    }
+
+    async fn wait_dirty(&mut self, email: &str) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !self.dirty.contains(email) {
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "timed out waiting for persons.dirty of {email}, got {:?}",
+                    self.dirty
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.drain_dirty()?;
+        }
+        Ok(())
+    }
+
+    async fn teardown(self, evaluators: Vec<Evaluator>) -> anyhow::Result<()> {
+        for evaluator in evaluators {
+            evaluator.stop().await?;
+        }
+        self.consumers.cancel();
+        let _ = &self.connection_for_consumers;
+        let channel = self.connection.create_channel().await?;
+        optout_amqp::teardown(&channel, &self.topology).await?;
+        let mut database = sqlx::PgConnection::connect(DATABASE_URL).await?;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            r#"DROP SCHEMA IF EXISTS "{}_evaluator" CASCADE"#,
+            self.schema
+        )))
+        .execute(&mut database)
+        .await?;
+        Ok(())
+    }
+}
+
+trait ParseArgs: Sized {
+    fn try_parse_from_args<const N: usize>(args: [&str; N]) -> anyhow::Result<Self>;
+}
+
+impl ParseArgs for Config {
+    fn try_parse_from_args<const N: usize>(args: [&str; N]) -> anyhow::Result<Self> {
+        use clap::Parser;
+        Ok(Config::try_parse_from(
+            std::iter::once("optout-rule-evaluator").chain(args),
+        )?)
+    }
+}
+
+fn authorized<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("valid header"),
+    );
+    request
+}
+
+impl Evaluator {
+    async fn wait_serving(&self) -> anyhow::Result<()> {
+        eventually("health SERVING", || async {
+            let mut health = HealthClient::new(self.channel.clone());
+            Ok(
+                match health
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                {
+                    Ok(response) => response.into_inner().status == ServingStatus::Serving as i32,
+                    Err(_) => false,
+                },
+            )
+        })
+        .await
+    }
+
+    async fn decide(&self, email: &str) -> anyhow::Result<PersonDecision> {
+        let mut client = DecisionsClient::new(self.channel.clone());
+        let response = client
+            .decide(authorized(DecideRequest {
+                emails: vec![email.to_owned()],
+            }))
+            .await?;
+        response
+            .into_inner()
+            .decisions
+            .pop()
+            .context("one decision")
+    }
+
+    async fn wait_decision(
+        &self,
+        email: &str,
+        decision: Decision,
+    ) -> anyhow::Result<PersonDecision> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let current = self.decide(email).await?;
+            if current.decision == decision as i32 {
+                return Ok(current);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("timed out waiting for {decision:?} of {email}, last {current:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn counters(&self) -> anyhow::Result<HashMap<String, i64>> {
+        let mut admin = AdminClient::new(self.channel.clone());
+        Ok(admin
+            .get_status(authorized(GetStatusRequest {}))
+            .await?
+            .into_inner()
+            .counters)
+    }
+
+    async fn wait_processed(&self, at_least: i64) -> anyhow::Result<()> {
+        eventually("messages processed", || async {
+            Ok(self
+                .counters()
+                .await?
+                .get("messages_processed")
+                .copied()
+                .unwrap_or(0)
+                >= at_least)
+        })
+        .await
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(DEADLINE, self.task).await???;
+        Ok(())
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn changed(
+    audience_id: &str,
+    first_sync: bool,
+    members: &[(&str, MemberStatus, i64)],
+) -> MembersChanged {
+    MembersChanged {
+        audience_id: audience_id.to_owned(),
+        source: Source::Poll as i32,
+        members: members
+            .iter()
+            .map(|(email, status, seconds)| MemberSnapshot {
+                email: (*email).to_owned(),
+                status: *status as i32,
+                last_changed: Some(prost_types::Timestamp {
+                    seconds: *seconds,
+                    nanos: 0,
+                }),
+            })
+            .collect(),
+        first_sync,
+        run_id: "run-1".to_owned(),
+    }
+}
+
+const T1: i64 = 1_700_000_000;
+const T2: i64 = T1 + 60;
+const T3: i64 = T1 + 120;
+
+#[tokio::test]
+async fn person_unsubscribed_everywhere_is_opted_out_and_marked_dirty() -> anyhow::Result<()> {
+    let mut world = World::new().await?;
+    let evaluator = world.start().await?;
+
+    world
+        .publish(&changed(
+            "aud1",
+            true,
+            &[(" Jane.Doe@Example.com", MemberStatus::Unsubscribed, T1)],
+        ))
+        .await?;
+    world
+        .publish(&changed(
+            "aud2",
+            true,
+            &[("jane.doe@example.com", MemberStatus::Unsubscribed, T1)],
+        ))
+        .await?;
+    world.wait_dirty("jane.doe@example.com").await?;
+    evaluator.wait_processed(2).await?;
+    let decision = evaluator
+        .wait_decision("JANE.DOE@example.com ", Decision::OptOut)
+        .await?;
+    assert_eq!(decision.email, "jane.doe@example.com");
+    assert!(decision.version >= 1);
+    assert_eq!(decision.opt_in_evidence_id, 0);
+    assert_eq!(decision.rule, "unsubscribed in every audience in scope");
+
+    let unknown = evaluator.decide("nobody@example.com").await?;
+    assert_eq!(
+        (unknown.decision, unknown.version),
+        (Decision::NoChange as i32, 0)
+    );
+
+    let counters = evaluator.counters().await?;
+    assert!(counters["decisions_opt_out"] >= 1, "{counters:?}");
+    assert!(counters["dirty_published"] >= 1, "{counters:?}");
+
+    // Calls without the token are refused; health needs none.
+    let mut client = DecisionsClient::new(evaluator.channel.clone());
+    let refused = client.decide(DecideRequest { emails: vec![] }).await;
+    assert_eq!(
+        refused.err().map(|status| status.code()),
+        Some(tonic::Code::Unauthenticated)
+    );
+
+    world.teardown(vec![evaluator]).await
+}
+
+#[tokio::test]
+async fn stale_snapshot_is_ignored() -> anyhow::Result<()> {
+    let mut world = World::new().await?;
+    let evaluator = world.start().await?;
+    world
+        .publish(&changed(
+            "aud1",
+            false,
+            &[("stale@example.com", MemberStatus::Unsubscribed, T2)],
+        ))
+        .await?;
+    world.wait_dirty("stale@example.com").await?;
+    // Older than what is stored: must not resubscribe.
+    world
+        .publish(&changed(
+            "aud1",
+            false,
+            &[("stale@example.com", MemberStatus::Subscribed, T1)],
+        ))
+        .await?;
+    evaluator.wait_processed(2).await?;
+    let decision = evaluator.decide("stale@example.com").await?;
+    assert_eq!(decision.decision, Decision::OptOut as i32);
+    assert_eq!(decision.opt_in_evidence_id, 0);
+
+    let mut client = DecisionsClient::new(evaluator.channel.clone());
+    let explained = client
+        .explain(authorized(ExplainRequest {
+            email: "stale@example.com".to_owned(),
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(explained.members.len(), 1);
+    assert_eq!(explained.members[0].status, "unsubscribed");
+    assert_eq!(explained.members[0].learned_from, "poll");
+    assert_eq!(
+        explained.transitions.len(),
+        1,
+        "{:?}",
+        explained.transitions
+    );
+    assert_eq!(explained.transitions[0].from_status, "");
+    assert_eq!(explained.transitions[0].to_status, "unsubscribed");
+    world.teardown(vec![evaluator]).await
+}
+
+#[tokio::test]
+async fn resubscribe_after_unsubscribe_is_opt_in_evidence_but_a_first_sync_baseline_is_not()
+-> anyhow::Result<()> {
+    let mut world = World::new().await?;
+    let evaluator = world.start().await?;
+
+    // Baseline during the first sync: opt in, but no evidence.
+    world
+        .publish(&changed(
+            "aud1",
+            true,
+            &[("baseline@example.com", MemberStatus::Subscribed, T1)],
+        ))
+        .await?;
+    evaluator.wait_processed(1).await?;
+    let baseline = evaluator
+        .wait_decision("baseline@example.com", Decision::OptIn)
+        .await?;
+    assert_eq!(baseline.opt_in_evidence_id, 0);
+
+    // A new subscribed member after the first sync is evidence.
+    world
+        .publish(&changed(
+            "aud1",
+            false,
+            &[("newcomer@example.com", MemberStatus::Subscribed, T1)],
+        ))
+        .await?;
+    world.wait_dirty("newcomer@example.com").await?;
+    let newcomer = evaluator
+        .wait_decision("newcomer@example.com", Decision::OptIn)
+        .await?;
+    assert_ne!(newcomer.opt_in_evidence_id, 0);
+
+    // Unsubscribe, then Mailchimp sets the member back to subscribed.
+    world
+        .publish(&changed(
+            "aud1",
+            false,
+            &[("baseline@example.com", MemberStatus::Unsubscribed, T2)],
+        ))
+        .await?;
+    let opted_out = evaluator
+        .wait_decision("baseline@example.com", Decision::OptOut)
+        .await?;
+    world
+        .publish(&changed(
+            "aud1",
+            false,
+            &[("baseline@example.com", MemberStatus::Subscribed, T3)],
+        ))
+        .await?;
+    let resubscribed = evaluator
+        .wait_decision("baseline@example.com", Decision::OptIn)
+        .await?;
+    assert_ne!(resubscribed.opt_in_evidence_id, 0);
+    assert!(resubscribed.version > opted_out.version);
+    world.drain_dirty()?;
+    assert!(world.dirty.contains("baseline@example.com"));
+
+    // Acknowledging stale evidence clears nothing; the current one clears it and moves the version.
+    let mut client = DecisionsClient::new(evaluator.channel.clone());
+    let wrong = client
+        .ack_opt_in(authorized(AckOptInRequest {
+            email: "baseline@example.com".to_owned(),
+            opt_in_evidence_id: resubscribed.opt_in_evidence_id + 1000,
+        }))
+        .await?
+        .into_inner();
+    assert!(!wrong.cleared);
+    let right = client
+        .ack_opt_in(authorized(AckOptInRequest {
+            email: "Baseline@Example.com".to_owned(),
+            opt_in_evidence_id: resubscribed.opt_in_evidence_id,
+        }))
+        .await?
+        .into_inner();
+    assert!(right.cleared);
+    let acknowledged = evaluator.decide("baseline@example.com").await?;
+    assert_eq!(acknowledged.decision, Decision::OptIn as i32);
+    assert_eq!(acknowledged.opt_in_evidence_id, 0);
+    assert_eq!(acknowledged.version, resubscribed.version + 1);
+    world.teardown(vec![evaluator]).await
+}
+
+#[tokio::test]
+async fn opt_out_supersedes_pending_opt_in_evidence() -> anyhow::Result<()> {
+    let world = World::new().await?;
+    let evaluator = world.start().await?;
+    world
+        .publish(&changed(
+            "aud1",
+            false,
+            &[("flip@example.com", MemberStatus::Subscribed, T1)],
+        ))
+        .await?;
+    let subscribed = evaluator
+        .wait_decision("flip@example.com", Decision::OptIn)
+        .await?;
+    assert_ne!(subscribed.opt_in_evidence_id, 0);
+    world
+        .publish(&changed(
+            "aud1",
+            false,
+            &[("flip@example.com", MemberStatus::Unsubscribed, T2)],
+        ))
+        .await?;
+    let unsubscribed = evaluator
+        .wait_decision("flip@example.com", Decision::OptOut)
+        .await?;
+    assert_eq!(unsubscribed.opt_in_evidence_id, 0);
+    world.teardown(vec![evaluator]).await
+}
+
+#[tokio::test]
+async fn replaying_the_same_message_is_harmless_and_republishes_dirty() -> anyhow::Result<()> {
+    let mut world = World::new().await?;
+    let evaluator = world.start().await?;
+    let message = changed(
+        "aud1",
+        false,
+        &[
+            ("replay@example.com", MemberStatus::Unsubscribed, T1),
+            ("other@example.com", MemberStatus::Cleaned, T1),
+        ],
+    );
+    world.publish(&message).await?;
+    evaluator.wait_processed(1).await?;
+    world.wait_dirty("replay@example.com").await?;
+    let first = evaluator.decide("replay@example.com").await?;
+    let dirty_messages = world.dirty_messages;
+
+    world.publish(&message).await?;
+    evaluator.wait_processed(2).await?;
+    let second = evaluator.decide("replay@example.com").await?;
+    assert_eq!(first, second, "nothing moved");
+    // Level-triggered: the replay announces the opted-out person again.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while world.dirty_messages == dirty_messages {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the replay published no persons.dirty");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        world.drain_dirty()?;
+    }
+    assert!(
+        !world.dirty.contains("other@example.com"),
+        "no change needs no write"
+    );
+
+    let mut client = DecisionsClient::new(evaluator.channel.clone());
+    let explained = client
+        .explain(authorized(ExplainRequest {
+            email: "replay@example.com".to_owned(),
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(explained.transitions.len(), 1);
+    world.teardown(vec![evaluator]).await
+}
+
+#[tokio::test]
+async fn paused_evaluator_leaves_messages_queued_until_resumed() -> anyhow::Result<()> {
+    let world = World::new().await?;
+    let evaluator = world.start().await?;
+    let mut admin = AdminClient::new(evaluator.channel.clone());
+    assert!(
+        admin
+            .pause(authorized(PauseRequest {}))
+            .await?
+            .into_inner()
+            .paused
+    );
+    let queue = world.topology.members_changed_queue();
+    eventually("the consumer to stop", || async {
+        let status = admin
+            .clone()
+            .get_status(authorized(GetStatusRequest {}))
+            .await?
+            .into_inner();
+        assert!(status.paused);
+        Ok(status
+            .queues
+            .iter()
+            .any(|entry| entry.name == queue && entry.consumers == 0))
+    })
+    .await?;
+    world
+        .publish(&changed(
+            "aud1",
+            false,
+            &[("paused@example.com", MemberStatus::Unsubscribed, T1)],
+        ))
+        .await?;
+    eventually("the message to wait", || async {
+        let status = admin
+            .clone()
+            .get_status(authorized(GetStatusRequest {}))
+            .await?
+            .into_inner();
+        Ok(status
+            .queues
+            .iter()
+            .any(|entry| entry.name == queue && entry.messages == 1))
+    })
+    .await?;
+    assert_eq!(
+        evaluator.decide("paused@example.com").await?.decision,
+        Decision::NoChange as i32
+    );
+    admin.resume(authorized(ResumeRequest {})).await?;
+    evaluator
+        .wait_decision("paused@example.com", Decision::OptOut)
+        .await?;
+    world.teardown(vec![evaluator]).await
+}
+
+#[tokio::test]
+async fn two_evaluators_on_one_schema_converge_on_interleaved_messages() -> anyhow::Result<()> {
+    let world = World::new().await?;
+    let (first, second) = tokio::try_join!(world.start(), world.start())?;
+
+    // Each email gets three snapshots per audience, published newest-first for half of them, so both replicas
+    // see out-of-order and concurrent updates of the same email.
+    let statuses = [
+        MemberStatus::Subscribed,
+        MemberStatus::Unsubscribed,
+        MemberStatus::Cleaned,
+    ];
+    let mut expected = Vec::new();
+    let mut messages = Vec::new();
+    for person in 0..24usize {
+        let email = format!("person{person}@example.com");
+        let mut latest = Vec::new();
+        for audience in ["aud1", "aud2"] {
+            let mut versions: Vec<(MemberStatus, i64)> = (0..3)
+                .map(|step| {
+                    let status = statuses[(person + step * (audience.len() + person % 2)) % 3];
+                    (status, T1 + step as i64 * 60)
+                })
+                .collect();
+            latest.push(versions[2].0);
+            if person % 2 == 0 {
+                versions.reverse();
+            }
+            for (status, seconds) in versions {
+                messages.push(changed(
+                    audience,
+                    false,
+                    &[(email.as_str(), status, seconds)],
+                ));
+            }
+        }
+        let decision = if latest.contains(&MemberStatus::Subscribed) {
+            Decision::OptIn
+        } else if latest
+            .iter()
+            .all(|status| *status == MemberStatus::Unsubscribed)
+        {
+            Decision::OptOut
+        } else {
+            Decision::NoChange
+        };
+        expected.push((email, decision));
+    }
+    // Interleave the emails' messages.
+    messages.sort_by_key(|message| {
+        message.members[0].email.len()
+            + message.members[0]
+                .last_changed
+                .map_or(0, |t| t.seconds as usize)
+                % 7
+    });
+    for message in &messages {
+        world.publish(message).await?;
+    }
+    let total = messages.len() as i64;
+    eventually("both evaluators to process everything", || async {
+        let processed = first.counters().await?["messages_processed"]
+            + second.counters().await?["messages_processed"];
+        Ok(processed >= total)
+    })
+    .await?;
+    let counters = (first.counters().await?, second.counters().await?);
+    assert!(
+        counters.0["messages_processed"] > 0 && counters.1["messages_processed"] > 0,
+        "both replicas took part: {counters:?}"
+    );
+    for (email, decision) in &expected {
+        let from_first = first.decide(email).await?;
+        let from_second = second.decide(email).await?;
+        assert_eq!(from_first, from_second);
+        assert_eq!(
+            from_first.decision, *decision as i32,
+            "{email}: {from_first:?}"
+        );
+    }
+    world.teardown(vec![first, second]).await
+}
+
+#[tokio::test]
+async fn invalid_messages_are_dead_lettered_and_managed_over_admin() -> anyhow::Result<()> {
+    let world = World::new().await?;
+    let evaluator = world.start().await?;
+    world
+        .publish(&changed(
+            "aud1",
+            false,
+            &[("what@example.com", MemberStatus::Unspecified, T1)],
+        ))
+        .await?;
+    let channel = world.connection.create_channel().await?;
+    channel
+        .basic_publish(
+            world.topology.exchange.as_str().into(),
+            "members.changed".into(),
+            Default::default(),
+            &[0xff, 0xff, 0xff],
+            Default::default(),
+        )
+        .await?
+        .await?;
+    let mut admin = AdminClient::new(evaluator.channel.clone());
+    eventually("two dead letters", || async {
+        let listed = admin
+            .clone()
+            .list_dead_letters(authorized(ListDeadLettersRequest { limit: 10 }))
+            .await?;
+        Ok(listed.into_inner().dead_letters.len() == 2)
+    })
+    .await?;
+    let listed = admin
+        .list_dead_letters(authorized(ListDeadLettersRequest { limit: 10 }))
+        .await?
+        .into_inner()
+        .dead_letters;
+    let reasons: Vec<&str> = listed
+        .iter()
+        .map(|dead_letter| dead_letter.reason.as_str())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|reason| reason.contains("without a known status")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|reason| reason.starts_with("undecodable protobuf")),
+        "{reasons:?}"
+    );
+    assert!(
+        listed
+            .iter()
+            .all(|dead_letter| dead_letter.routing_key == "members.changed")
+    );
+    assert_eq!(
+        evaluator.decide("what@example.com").await?.version,
+        0,
+        "nothing applied"
+    );
+
+    let status = admin
+        .get_status(authorized(GetStatusRequest {}))
+        .await?
+        .into_inner();
+    assert_eq!(status.service, "rule-evaluator");
+    let dead_letter_queue = world
+        .topology
+        .dead_letter_queue(&world.topology.members_changed_queue());
+    assert!(
+        status
+            .queues
+            .iter()
+            .any(|queue| queue.name == dead_letter_queue && queue.messages == 2),
+        "{status:?}"
+    );
+    assert!(
+        admin
+            .trigger_sync(authorized(TriggerSyncRequest::default()))
+            .await?
+            .into_inner()
+            .run_id
+            .is_empty()
+    );
+
+    let purged = admin
+        .purge_dead_letters(authorized(PurgeDeadLettersRequest {}))
+        .await?
+        .into_inner();
+    assert_eq!(purged.purged, 2);
+    world.teardown(vec![evaluator]).await
+}
