@@ -1,0 +1,225 @@
+//! Command-line and environment configuration (`OPTOUT_*`), validated before any work starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::plan::SfObject;
+use crate::{Error, Result};
+
+/// Configuration of the salesforce-writer.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "optout-salesforce-writer",
+    version,
+    about = "Writes Email Opt Out to Salesforce"
+)]
+pub struct Config {
+    /// Salesforce token endpoint host (`https://login.salesforce.com`, a My Domain, or the sandbox);
+    /// the instance URL comes from the token response.
+    #[arg(long, env = "OPTOUT_SALESFORCE_LOGIN_URL")]
+    pub salesforce_login_url: String,
+    /// Connected app consumer key.
+    #[arg(long, env = "OPTOUT_SALESFORCE_CLIENT_ID")]
+    pub salesforce_client_id: String,
+    /// Consumer secret for the client-credentials flow.
+    #[arg(long, env = "OPTOUT_SALESFORCE_CLIENT_SECRET", hide_env_values = true)]
+    pub salesforce_client_secret: Option<SecretString>,
+    /// Username for the JWT bearer flow (with `--salesforce-jwt-key-file`).
+    #[arg(long, env = "OPTOUT_SALESFORCE_JWT_USERNAME")]
+    pub salesforce_jwt_username: Option<String>,
+    /// PEM RSA private key for the JWT bearer flow.
+    #[arg(long, env = "OPTOUT_SALESFORCE_JWT_KEY_FILE")]
+    pub salesforce_jwt_key_file: Option<PathBuf>,
+    /// JWT `aud` claim; defaults to the login URL.
+    #[arg(long, env = "OPTOUT_SALESFORCE_JWT_AUDIENCE")]
+    pub salesforce_jwt_audience: Option<String>,
+    /// REST API version.
+    #[arg(long, env = "OPTOUT_SALESFORCE_API_VERSION", default_value = "59.0")]
+    pub salesforce_api_version: String,
+    /// Extra trusted root certificate (PEM), e.g. the sandbox's.
+    #[arg(long, env = "OPTOUT_SALESFORCE_CA_FILE")]
+    pub salesforce_ca_file: Option<PathBuf>,
+    /// Objects written; PersonAccount only takes effect where the org has person accounts.
+    #[arg(
+        long,
+        env = "OPTOUT_OBJECTS",
+        value_delimiter = ',',
+        default_value = "Contact,Lead,PersonAccount"
+    )]
+    pub objects: Vec<SfObject>,
+
+    /// The rule-evaluator's gRPC endpoint (`http://127.0.0.1:PORT`).
+    #[arg(long, env = "OPTOUT_EVALUATOR_URL")]
+    pub evaluator_url: String,
+    /// Bearer token for the evaluator; defaults to `--admin-token`.
+    #[arg(long, env = "OPTOUT_EVALUATOR_TOKEN", hide_env_values = true)]
+    pub evaluator_token: Option<SecretString>,
+
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "OPTOUT_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: SecretString,
+    /// Topic exchange.
+    #[arg(long, env = "OPTOUT_EXCHANGE", default_value = "optout")]
+    pub exchange: String,
+    /// Prefix of every queue name (tests use a unique one).
+    #[arg(long, env = "OPTOUT_QUEUE_PREFIX", default_value = "")]
+    pub queue_prefix: String,
+    /// Number of `persons.dirty.{p}` partitions.
+    #[arg(long, env = "OPTOUT_PERSONS_PARTITIONS", default_value_t = 4)]
+    pub persons_partitions: u16,
+
+    /// Most messages handled as one batch.
+    #[arg(long, env = "OPTOUT_BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill, in milliseconds.
+    #[arg(long, env = "OPTOUT_BATCH_WAIT_MS", default_value_t = 200)]
+    pub batch_wait_ms: u64,
+    /// Records of one object in one write above which a Bulk API 2.0 job is used.
+    #[arg(long, env = "OPTOUT_BULK_THRESHOLD", default_value_t = 2000)]
+    pub bulk_threshold: usize,
+    /// Seconds between Salesforce poll cycles; 0 polls only on TriggerSync.
+    #[arg(long, env = "OPTOUT_POLL_INTERVAL_SECS", default_value_t = 60)]
+    pub poll_interval_secs: u64,
+
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        env = "OPTOUT_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    pub database_url: SecretString,
+    /// Schema prefix; this service owns `{schema}_writer`.
+    #[arg(long, env = "OPTOUT_DATABASE_SCHEMA", default_value = "optout")]
+    pub database_schema: String,
+
+    /// gRPC listen address (health, reflection, Admin).
+    #[arg(long, env = "OPTOUT_GRPC_LISTEN", default_value = "127.0.0.1:0")]
+    pub grpc_listen: SocketAddr,
+    /// Bearer token required by the Admin service.
+    #[arg(long, env = "OPTOUT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: SecretString,
+    /// Longest time shutdown waits for the batch in hand, in seconds.
+    #[arg(long, env = "OPTOUT_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl Config {
+    /// Checks what clap cannot: one complete Salesforce credential, sane sizes, a safe schema name.
+    pub fn validate(&self) -> Result<()> {
+        let jwt = self.salesforce_jwt_username.is_some() || self.salesforce_jwt_key_file.is_some();
+        if jwt && (self.salesforce_jwt_username.is_none() || self.salesforce_jwt_key_file.is_none())
+        {
+            return Err(Error::Config(
+                "the JWT flow needs both --salesforce-jwt-username and --salesforce-jwt-key-file"
+                    .into(),
+            ));
+        }
+        if !jwt && self.salesforce_client_secret.is_none() {
+            return Err(Error::Config(
+                "set --salesforce-client-secret, or --salesforce-jwt-username with --salesforce-jwt-key-file".into(),
+            ));
+        }
+        if self.admin_token.expose_secret().is_empty() {
+            return Err(Error::Config("--admin-token must not be empty".into()));
+        }
+        if self.objects.is_empty() {
+            return Err(Error::Config(
+                "--objects must name at least one object".into(),
+            ));
+        }
+        if self.batch_size == 0 || self.bulk_threshold == 0 || self.persons_partitions == 0 {
+            return Err(Error::Config(
+                "batch size, bulk threshold and partitions must be positive".into(),
+            ));
+        }
+        if !self.evaluator_url.starts_with("http://") && !self.evaluator_url.starts_with("https://")
+        {
+            return Err(Error::Config(
+                "--evaluator-url must start with http:// or https://".into(),
+            ));
+        }
+        let schema = self.writer_schema();
+        // The schema name is interpolated into DDL and `SET search_path`, so only plain identifiers.
+        if !schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            || schema.starts_with(|c: char| c.is_ascii_digit())
+            || schema.len() > 63
+        {
+            return Err(Error::Config(format!(
+                "invalid database schema {schema:?}: use lower-case letters, digits and _"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The schema this service owns.
+    pub fn writer_schema(&self) -> String {
+        format!("{}_writer", self.database_schema)
+    }
+
+    /// The longest wait for a batch to fill.
+    pub fn batch_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_wait_ms)
+    }
+
+    /// The poll interval; `None` when polling happens only on TriggerSync.
+    pub fn poll_interval(&self) -> Option<Duration> {
+        (self.poll_interval_secs > 0).then(|| Duration::from_secs(self.poll_interval_secs))
+    }
+
+    /// The Salesforce client configuration; reads the JWT key file.
+    pub fn salesforce_config(&self) -> Result<optout_salesforce::SalesforceConfig> {
+        let auth = match (&self.salesforce_jwt_username, &self.salesforce_jwt_key_file) {
+            (Some(username), Some(key_file)) => {
+                let pem = std::fs::read_to_string(key_file).map_err(|error| {
+                    Error::Config(format!(
+                        "cannot read JWT key file {}: {error}",
+                        key_file.display()
+                    ))
+                })?;
+                optout_salesforce::Auth::JwtBearer {
+                    client_id: self.salesforce_client_id.clone(),
+                    username: username.clone(),
+                    private_key_pem: SecretString::from(pem),
+                    audience: self
+                        .salesforce_jwt_audience
+                        .clone()
+                        .unwrap_or_else(|| self.salesforce_login_url.clone()),
+                }
+            }
+            _ => optout_salesforce::Auth::ClientCredentials {
+                client_id: self.salesforce_client_id.clone(),
+                client_secret: self
+                    .salesforce_client_secret
+                    .clone()
+                    .ok_or_else(|| Error::Config("missing --salesforce-client-secret".into()))?,
+            },
+        };
+        Ok(optout_salesforce::SalesforceConfig {
+            login_url: self.salesforce_login_url.clone(),
+            auth,
+            api_version: self.salesforce_api_version.clone(),
+            ca_file: self.salesforce_ca_file.clone(),
+            timeout: Duration::from_secs(60),
+            max_retries: 3,
+            max_connections: 4,
+        })
+    }
+
+    /// The AMQP topology this writer consumes from and publishes to (the prefix applies to the
+    /// exchange too).
+    pub fn topology(&self) -> optout_amqp::Topology {
+        optout_amqp::Topology::new(&self.exchange, &self.queue_prefix, self.persons_partitions)
+    }
+}

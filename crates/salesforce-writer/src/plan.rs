@@ -1,0 +1,366 @@
+//! The pure half of the writer: which value each Salesforce record must get, which records differ
+//! from it, and the SOQL that reads them. No I/O here, so every safety rule is unit tested.
+//!
+//! The safety asymmetry lives in [`target_for`]: an opt-out always asks for a checked box, an
+//! opt-in asks for an unchecked box only when it carries opt-in evidence, anything else asks for
+//! nothing. No other function can produce a `false` target.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use optout_proto::evaluator::v1::{Decision, PersonDecision};
+use serde_json::Value;
+
+/// Longest URL-encoded SOQL statement sent in one `GET /query?q=`: Salesforce refuses request
+/// URIs over 16,384 bytes (414), and the path and host need room too.
+pub const MAX_SOQL_LEN: usize = optout_salesforce::soql::DEFAULT_MAX_ENCODED_LEN;
+
+/// The most records one sObject Collections call takes.
+pub const COLLECTION_LIMIT: usize = 200;
+
+/// A kind of Salesforce record that carries an Email Opt Out field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SfObject {
+    /// `Contact.HasOptedOutOfEmail` (business contacts; person contacts are written via their Account).
+    Contact,
+    /// `Lead.HasOptedOutOfEmail` (unconverted Leads only).
+    Lead,
+    /// `Account.PersonHasOptedOutOfEmail` where `IsPersonAccount = true`.
+    PersonAccount,
+}
+
+impl SfObject {
+    /// Every object, in the order the writer handles them.
+    pub const ALL: [SfObject; 3] = [SfObject::Contact, SfObject::Lead, SfObject::PersonAccount];
+
+    /// The sObject type name used in API calls.
+    pub fn sobject(self) -> &'static str {
+        match self {
+            SfObject::Contact => "Contact",
+            SfObject::Lead => "Lead",
+            SfObject::PersonAccount => "Account",
+        }
+    }
+
+    /// The field holding the email address.
+    pub fn email_field(self) -> &'static str {
+        match self {
+            SfObject::Contact | SfObject::Lead => "Email",
+            SfObject::PersonAccount => "PersonEmail",
+        }
+    }
+
+    /// The Email Opt Out checkbox.
+    pub fn opt_out_field(self) -> &'static str {
+        match self {
+            SfObject::Contact | SfObject::Lead => "HasOptedOutOfEmail",
+            SfObject::PersonAccount => "PersonHasOptedOutOfEmail",
+        }
+    }
+
+    /// The name used in configuration, the audit log and the watermark table.
+    pub fn name(self) -> &'static str {
+        match self {
+            SfObject::Contact => "Contact",
+            SfObject::Lead => "Lead",
+            SfObject::PersonAccount => "PersonAccount",
+        }
+    }
+
+    /// The GetStatus counter bumped for each record written.
+    pub fn written_counter(self) -> &'static str {
+        match self {
+            SfObject::Contact => "written_contact",
+            SfObject::Lead => "written_lead",
+            SfObject::PersonAccount => "written_account",
+        }
+    }
+
+    /// The `WHERE` conditions (joined by `AND`) that select the records the writer may update.
+    fn scope_conditions(self, person_accounts: bool) -> Vec<&'static str> {
+        match self {
+            // Person contacts are hidden twins of person accounts; Salesforce wants them written
+            // through the Account, so they are left out here when the org has person accounts.
+            SfObject::Contact if person_accounts => vec!["IsPersonAccount = false"],
+            SfObject::Contact => vec![],
+            // Salesforce refuses to update converted Leads (CANNOT_UPDATE_CONVERTED_LEAD).
+            SfObject::Lead => vec!["IsConverted = false"],
+            SfObject::PersonAccount => vec!["IsPersonAccount = true"],
+        }
+    }
+}
+
+impl fmt::Display for SfObject {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.name())
+    }
+}
+
+impl FromStr for SfObject {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "contact" => Ok(SfObject::Contact),
+            "lead" => Ok(SfObject::Lead),
+            "personaccount" | "person_account" | "account" => Ok(SfObject::PersonAccount),
+            other => Err(format!(
+                "unknown object {other:?} (expected Contact, Lead or PersonAccount)"
+            )),
+        }
+    }
+}
+
+/// Trims and lower-cases an address, as the evaluator and `optout_mailchimp::normalize_email` do,
+/// so addresses from Salesforce and from decisions compare equal.
+pub fn normalize_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+/// The value every Salesforce record of one email must end with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Normalised address.
+    pub email: String,
+    /// `true`: the box must be checked; `false`: it must be unchecked.
+    pub opted_out: bool,
+    /// The evaluator's rule, recorded in the audit log.
+    pub rule: String,
+    /// The decision's version, compared after writing to detect a decision that moved.
+    pub version: i64,
+    /// Opt-in evidence to acknowledge once the uncheck is written; 0 for opt-outs.
+    pub evidence_id: i64,
+}
+
+/// The asymmetry: OPT_OUT → checked; OPT_IN with evidence → unchecked; anything else → no target.
+pub fn target_for(decision: &PersonDecision) -> Option<Target> {
+    let opted_out = match Decision::try_from(decision.decision) {
+        Ok(Decision::OptOut) => true,
+        // Never uncheck without evidence that Mailchimp set a member back to subscribed.
+        Ok(Decision::OptIn) if decision.opt_in_evidence_id != 0 => false,
+        _ => return None,
+    };
+    Some(Target {
+        email: normalize_email(&decision.email),
+        opted_out,
+        rule: decision.rule.clone(),
+        version: decision.version,
+        evidence_id: if opted_out {
+            0
+        } else {
+            decision.opt_in_evidence_id
+        },
+    })
+}
+
+/// Targets by normalised email. With `opt_out_only` (the Salesforce poll) opt-ins are ignored:
+/// only the dirty path acts on opt-in evidence.
+pub fn targets(decisions: &[PersonDecision], opt_out_only: bool) -> BTreeMap<String, Target> {
+    decisions
+        .iter()
+        .filter_map(target_for)
+        .filter(|target| !opt_out_only || target.opted_out)
+        .map(|target| (target.email.clone(), target))
+        .collect()
+}
+
+/// One Salesforce record as read before writing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CurrentRecord {
+    /// Its kind.
+    pub object: SfObject,
+    /// Salesforce record id.
+    pub id: String,
+    /// Normalised address.
+    pub email: String,
+    /// The current Email Opt Out value (`null` reads as unchecked).
+    pub opted_out: bool,
+}
+
+/// Reads one SOQL row of `object`; `None` when it has no id or address, or is a converted Lead.
+pub fn parse_record(object: SfObject, row: &Value) -> Option<CurrentRecord> {
+    let id = row.get("Id")?.as_str()?;
+    let email = row.get(object.email_field())?.as_str()?;
+    // Converted Leads are filtered in SOQL already; this guards against a query that forgot to.
+    if row.get("IsConverted").and_then(Value::as_bool) == Some(true) {
+        return None;
+    }
+    let email = normalize_email(email);
+    if id.is_empty() || email.is_empty() {
+        return None;
+    }
+    let opted_out = row
+        .get(object.opt_out_field())
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Some(CurrentRecord {
+        object,
+        id: id.to_owned(),
+        email,
+        opted_out,
+    })
+}
+
+/// One record whose field differs from its target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Its kind.
+    pub object: SfObject,
+    /// Salesforce record id.
+    pub id: String,
+    /// Normalised address.
+    pub email: String,
+    /// Value before the write.
+    pub old: bool,
+    /// Value written.
+    pub new: bool,
+    /// Why (the evaluator's rule).
+    pub reason: String,
+}
+
+/// Records whose value differs from their email's target, each record once, in a stable order.
+pub fn diff(targets: &BTreeMap<String, Target>, records: &[CurrentRecord]) -> Vec<Change> {
+    let mut seen = BTreeSet::new();
+    let mut changes = Vec::new();
+    for record in records {
+        let Some(target) = targets.get(&normalize_email(&record.email)) else {
+            continue;
+        };
+        if record.opted_out == target.opted_out || !seen.insert((record.object, record.id.clone()))
+        {
+            continue;
+        }
+        changes.push(Change {
+            object: record.object,
+            id: record.id.clone(),
+            email: target.email.clone(),
+            old: record.opted_out,
+            new: target.opted_out,
+            reason: target.rule.clone(),
+        });
+    }
+    changes.sort_by(|left, right| (left.object, &left.id).cmp(&(right.object, &right.id)));
+    changes
+}
+
+/// SOQL statements reading the current values of `object` for `emails`, each under
+/// [`MAX_SOQL_LEN`].
+pub fn read_queries(object: SfObject, emails: &[String], person_accounts: bool) -> Vec<String> {
+    let fields = format!("Id, {}, {}", object.email_field(), object.opt_out_field());
+    let mut prefix = format!("SELECT {fields} FROM {} WHERE ", object.sobject());
+    let mut suffix = String::new();
+    match object {
+        // Leads and Person Accounts: scope first, as the documented statements read.
+        SfObject::Lead | SfObject::PersonAccount => {
+            for condition in object.scope_conditions(person_accounts) {
+                prefix.push_str(condition);
+                prefix.push_str(" AND ");
+            }
+        }
+        SfObject::Contact => {
+            for condition in object.scope_conditions(person_accounts) {
+                suffix.push_str(" AND ");
+                suffix.push_str(condition);
+            }
+        }
+    }
+    prefix.push_str(object.email_field());
+    prefix.push_str(" IN ");
+    optout_salesforce::soql::chunk_in_clauses(&prefix, emails, &suffix, MAX_SOQL_LEN)
+}
+
+/// A SOQL dateTime literal (unquoted, whole seconds, UTC).
+pub fn soql_datetime(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Parses a Salesforce record datetime (`2024-05-01T10:00:00.000+0000`, or RFC 3339).
+pub fn parse_sf_datetime(value: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f%z")
+        .or_else(|_| DateTime::parse_from_rfc3339(value))
+        .ok()
+        .map(|time| time.with_timezone(&Utc))
+}
+
+/// The poll statement: unchecked records of `object` changed after `since` (minus one second,
+/// because the literal drops sub-seconds and records committed in the same second must not be
+/// missed), oldest first; `since = None` scans everything (a full reconcile).
+pub fn poll_query(object: SfObject, since: Option<DateTime<Utc>>, person_accounts: bool) -> String {
+    let mut conditions: Vec<String> = Vec::new();
+    if object == SfObject::PersonAccount {
+        conditions.extend(
+            object
+                .scope_conditions(person_accounts)
+                .into_iter()
+                .map(str::to_owned),
+        );
+    }
+    if let Some(since) = since {
+        conditions.push(format!(
+            "SystemModstamp > {}",
+            soql_datetime(since - chrono::Duration::seconds(1))
+        ));
+    }
+    conditions.push(format!("{} = false", object.opt_out_field()));
+    if object != SfObject::PersonAccount {
+        conditions.extend(
+            object
+                .scope_conditions(person_accounts)
+                .into_iter()
+                .map(str::to_owned),
+        );
+    }
+    format!(
+        "SELECT Id, {}, {}, SystemModstamp FROM {} WHERE {} ORDER BY SystemModstamp",
+        object.email_field(),
+        object.opt_out_field(),
+        object.sobject(),
+        conditions.join(" AND ")
+    )
+}
+
+/// The Bulk API 2.0 update CSV for `changes` (all of one object).
+pub fn bulk_csv(object: SfObject, changes: &[&Change]) -> String {
+    let mut csv = format!("Id,{}\n", object.opt_out_field());
+    for change in changes {
+        // Record ids are 15/18 alphanumeric characters: nothing to quote.
+        csv.push_str(&format!("{},{}\n", change.id, change.new));
+    }
+    csv
+}
+
+/// Splits a Bulk API `sf__Error` (`UNABLE_TO_LOCK_ROW:unable to obtain exclusive access:--`) into
+/// status code and message.
+pub fn parse_bulk_error(error: &str) -> (String, String) {
+    let mut parts = error.splitn(2, ':');
+    let status_code = parts.next().unwrap_or_default().trim().to_owned();
+    let message = parts
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches(":--")
+        .trim()
+        .to_owned();
+    (status_code, message)
+}
+
+/// Whether a per-record status code is worth retrying (row locks are transient contention).
+pub fn is_retryable_status(status_code: &str) -> bool {
+    matches!(
+        status_code,
+        "UNABLE_TO_LOCK_ROW" | "SERVER_UNAVAILABLE" | "REQUEST_LIMIT_EXCEEDED"
+    )
+}
+
+/// The status code Salesforce gives when asked to update a converted Lead.
+pub const CONVERTED_LEAD: &str = "CANNOT_UPDATE_CONVERTED_LEAD";
+
+/// The W3C trace id inside a `traceparent` value (`00-<trace id>-<span id>-<flags>`).
+pub fn trace_id_from_traceparent(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.trim().split('-');
+    let _version = parts.next()?;
+    let trace_id = parts.next()?;
+    (trace_id.len() == 32 && trace_id.bytes().all(|byte| byte.is_ascii_hexdigit()))
+        .then(|| trace_id.to_ascii_lowercase())
+}

@@ -1,0 +1,129 @@
+//! The writer's own PostgreSQL schema: the audit log and the Salesforce poll watermarks.
+
+use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Executor, Row};
+
+use crate::Result;
+use crate::plan::{Change, SfObject};
+
+/// One audit row to insert.
+#[derive(Clone, Debug)]
+pub(crate) struct AuditEntry {
+    pub(crate) change: Change,
+    pub(crate) trigger: &'static str,
+    pub(crate) trace_id: Option<String>,
+}
+
+/// Handle on the writer's schema.
+#[derive(Clone, Debug)]
+pub(crate) struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects, creates the schema if missing, pins `search_path` to it on every pooled
+    /// connection, and runs the migrations (sqlx takes an advisory lock, so replicas may race).
+    pub(crate) async fn connect(url: &secrecy::SecretString, schema: &str) -> Result<Self> {
+        let search_path = format!("SET search_path TO \"{schema}\"");
+        let pool = PgPoolOptions::new()
+            .max_connections(5)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .after_connect(move |connection, _meta| {
+                let statement = search_path.clone();
+                Box::pin(async move {
+                    connection.execute(AssertSqlSafe(statement)).await?;
+                    Ok(())
+                })
+            })
+            .connect(url.expose_secret())
+            .await?;
+        let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+        if let Err(error) = pool.execute(AssertSqlSafe(create.clone())).await {
+            // Two replicas creating the schema at once: one loses with a unique violation; the
+            // schema exists either way, so a second attempt settles it.
+            tracing::debug!(%error, "create schema raced, retrying");
+            pool.execute(AssertSqlSafe(create)).await?;
+        }
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Records successful writes.
+    pub(crate) async fn insert_audit(&self, entries: &[AuditEntry]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut emails = Vec::with_capacity(entries.len());
+        let mut objects = Vec::with_capacity(entries.len());
+        let mut record_ids = Vec::with_capacity(entries.len());
+        let mut olds = Vec::with_capacity(entries.len());
+        let mut news = Vec::with_capacity(entries.len());
+        let mut reasons = Vec::with_capacity(entries.len());
+        let mut triggers = Vec::with_capacity(entries.len());
+        let mut trace_ids: Vec<Option<String>> = Vec::with_capacity(entries.len());
+        for entry in entries {
+            emails.push(entry.change.email.clone());
+            objects.push(entry.change.object.name().to_owned());
+            record_ids.push(entry.change.id.clone());
+            olds.push(entry.change.old);
+            news.push(entry.change.new);
+            reasons.push(entry.change.reason.clone());
+            triggers.push(entry.trigger.to_owned());
+            trace_ids.push(entry.trace_id.clone());
+        }
+        sqlx::query(
+            "INSERT INTO audit_log (email, object, record_id, old_value, new_value, reason, \"trigger\", trace_id) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[], $8::text[])",
+        )
+        .bind(emails)
+        .bind(objects)
+        .bind(record_ids)
+        .bind(olds)
+        .bind(news)
+        .bind(reasons)
+        .bind(triggers)
+        .bind(trace_ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The poll watermark of `object`, if one was stored.
+    pub(crate) async fn watermark(&self, object: SfObject) -> Result<Option<DateTime<Utc>>> {
+        let row = sqlx::query("SELECT watermark FROM sf_watermarks WHERE object = $1")
+            .bind(object.name())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| row.try_get("watermark")).transpose()?)
+    }
+
+    /// Moves the watermark of `object` forward (never back: a late replica must not rewind it).
+    pub(crate) async fn advance_watermark(
+        &self,
+        object: SfObject,
+        watermark: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sf_watermarks (object, watermark) VALUES ($1, $2) \
+             ON CONFLICT (object) DO UPDATE SET watermark = GREATEST(sf_watermarks.watermark, EXCLUDED.watermark)",
+        )
+        .bind(object.name())
+        .bind(watermark)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Cheap liveness probe for health.
+    pub(crate) async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Closes the pool.
+    pub(crate) async fn close(&self) {
+        self.pool.close().await;
+    }
+}

@@ -1,0 +1,641 @@
+//! The write path shared by the `persons.dirty` consumer and the Salesforce poll: ask the evaluator
+//! for the current decisions, read the current field values, write only the differences, audit
+//! them, acknowledge applied opt-in evidence, and re-check that no decision moved meanwhile.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use optout_amqp::{Message, Outcome, Publisher, Topology};
+use optout_proto::evaluator::v1::decisions_client::DecisionsClient;
+use optout_proto::evaluator::v1::{AckOptInRequest, DecideRequest, PersonDecision};
+use optout_proto::queue::v1::PersonsDirty;
+use optout_salesforce::{RecordUpdate, SalesforceClient, SaveResult};
+use serde_json::Value;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::auth::AttachBearer;
+use crate::plan::{self, COLLECTION_LIMIT, Change, CurrentRecord, SfObject, Target};
+use crate::store::{AuditEntry, Store};
+use crate::{Error, Result};
+
+/// Emails per `Decide` call.
+const DECIDE_CHUNK: usize = 1000;
+/// Proto full name of the messages this writer publishes.
+const PERSONS_DIRTY_TYPE: &str = "optout.queue.v1.PersonsDirty";
+/// Extra attempts for records that hit a transient per-record error (row locks).
+const RECORD_RETRIES: u32 = 3;
+
+/// The evaluator client with the bearer token attached.
+pub(crate) type Decisions = DecisionsClient<InterceptedService<Channel, AttachBearer>>;
+
+/// What asked for a write; stored in the audit log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Trigger {
+    /// A `persons.dirty` message (a Mailchimp change seen by the evaluator).
+    Mailchimp,
+    /// The Salesforce poll found an unchecked record of an opted-out person.
+    SalesforcePoll,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Mailchimp => "mailchimp",
+            Trigger::SalesforcePoll => "salesforce-poll",
+        }
+    }
+}
+
+/// How one pass of the write path behaves.
+#[derive(Clone, Debug)]
+pub(crate) struct ApplyOptions {
+    pub(crate) trigger: Trigger,
+    /// Compute and log, write nothing.
+    pub(crate) dry_run: bool,
+    /// Act on opt-outs only (the poll never unchecks).
+    pub(crate) opt_out_only: bool,
+    /// Trace id per email, from the message that carried it.
+    pub(crate) trace_ids: HashMap<String, String>,
+}
+
+/// What one pass did.
+#[derive(Debug, Default)]
+pub(crate) struct ApplyReport {
+    /// Emails whose records still failed transiently: their messages are redelivered.
+    pub(crate) retry: BTreeSet<String>,
+    /// Records that differed from their target.
+    pub(crate) changes: usize,
+    /// Records written.
+    pub(crate) written: usize,
+}
+
+/// Cumulative counters reported by GetStatus.
+#[derive(Debug)]
+pub(crate) struct Counters {
+    values: BTreeMap<&'static str, AtomicU64>,
+}
+
+impl Counters {
+    const NAMES: [&'static str; 9] = [
+        "records_read",
+        "written_contact",
+        "written_lead",
+        "written_account",
+        "write_failures",
+        "bulk_jobs",
+        "batches",
+        "poll_cycles",
+        "republished",
+    ];
+
+    fn new() -> Self {
+        Self {
+            values: Self::NAMES
+                .iter()
+                .map(|name| (*name, AtomicU64::new(0)))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn add(&self, name: &str, amount: u64) {
+        if let Some(value) = self.values.get(name) {
+            value.fetch_add(amount, Ordering::Relaxed);
+        } else {
+            debug_assert!(false, "unknown counter {name}");
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> HashMap<String, i64> {
+        self.values
+            .iter()
+            .map(|(name, value)| {
+                (
+                    (*name).to_owned(),
+                    i64::try_from(value.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Marks the writer busy while alive.
+#[derive(Debug)]
+pub(crate) struct BusyGuard<'a>(&'a AtomicU64);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How one record's write ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum RecordOutcome {
+    Written,
+    Retryable(String),
+    ConvertedLead,
+    Failed {
+        status_code: String,
+        message: String,
+    },
+}
+
+impl RecordOutcome {
+    fn from_error(status_code: &str, message: &str) -> Self {
+        if status_code == plan::CONVERTED_LEAD {
+            RecordOutcome::ConvertedLead
+        } else if plan::is_retryable_status(status_code) {
+            RecordOutcome::Retryable(format!("{status_code}: {message}"))
+        } else {
+            RecordOutcome::Failed {
+                status_code: status_code.to_owned(),
+                message: message.to_owned(),
+            }
+        }
+    }
+
+    fn from_save_result(result: Option<&SaveResult>) -> Self {
+        match result {
+            None => RecordOutcome::Retryable("no result for record".to_owned()),
+            Some(result) if result.success => RecordOutcome::Written,
+            Some(result) => match result.errors.first() {
+                Some(error) => RecordOutcome::from_error(&error.status_code, &error.message),
+                None => RecordOutcome::Failed {
+                    status_code: "UNKNOWN".to_owned(),
+                    message: "failed without errors".to_owned(),
+                },
+            },
+        }
+    }
+}
+
+/// Everything the write path needs.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    pub(crate) salesforce: SalesforceClient,
+    pub(crate) decisions: Decisions,
+    pub(crate) store: Store,
+    /// Publishes on the topic exchange (republishing dirty emails).
+    pub(crate) publisher: Publisher,
+    /// Publishes on the default exchange, straight into a dead-letter queue by name.
+    pub(crate) dlq_publisher: Publisher,
+    pub(crate) topology: Topology,
+    /// Objects written (PersonAccount only when the org has person accounts).
+    pub(crate) objects: Vec<SfObject>,
+    pub(crate) person_accounts: bool,
+    pub(crate) bulk_threshold: usize,
+    pub(crate) counters: Counters,
+    busy: AtomicU64,
+}
+
+impl Writer {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        salesforce: SalesforceClient,
+        decisions: Decisions,
+        store: Store,
+        publisher: Publisher,
+        dlq_publisher: Publisher,
+        topology: Topology,
+        objects: Vec<SfObject>,
+        person_accounts: bool,
+        bulk_threshold: usize,
+    ) -> Self {
+        Self {
+            salesforce,
+            decisions,
+            store,
+            publisher,
+            dlq_publisher,
+            topology,
+            objects,
+            person_accounts,
+            bulk_threshold,
+            counters: Counters::new(),
+            busy: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks a batch or a poll cycle under way until the guard drops.
+    pub(crate) fn busy_guard(&self) -> BusyGuard<'_> {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        BusyGuard(&self.busy)
+    }
+
+    /// Whether a batch or a poll cycle is under way.
+    pub(crate) fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) > 0
+    }
+
+    /// Handles one batch of `persons.dirty` messages and says what to do with each.
+    pub(crate) async fn handle_batch(&self, messages: &[Message<PersonsDirty>]) -> Vec<Outcome> {
+        let _busy = self.busy_guard();
+        self.counters.add("batches", 1);
+        let mut emails = BTreeSet::new();
+        let mut trace_ids = HashMap::new();
+        for message in messages {
+            let trace_id = traceparent(&message.headers)
+                .and_then(|value| plan::trace_id_from_traceparent(&value));
+            for email in &message.body.emails {
+                let email = plan::normalize_email(email);
+                if email.is_empty() {
+                    continue;
+                }
+                if let Some(trace_id) = &trace_id {
+                    trace_ids
+                        .entry(email.clone())
+                        .or_insert_with(|| trace_id.clone());
+                }
+                emails.insert(email);
+            }
+        }
+        let emails: Vec<String> = emails.into_iter().collect();
+        let options = ApplyOptions {
+            trigger: Trigger::Mailchimp,
+            dry_run: false,
+            opt_out_only: false,
+            trace_ids,
+        };
+        match self.apply(&emails, &options).await {
+            Ok(report) => messages
+                .iter()
+                .map(|message| {
+                    let needs_retry = message
+                        .body
+                        .emails
+                        .iter()
+                        .any(|email| report.retry.contains(&plan::normalize_email(email)));
+                    if needs_retry {
+                        Outcome::Retry("salesforce records stayed locked".to_owned())
+                    } else {
+                        Outcome::Ack
+                    }
+                })
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, messages = messages.len(), "batch failed, messages will be redelivered");
+                messages
+                    .iter()
+                    .map(|_| Outcome::Retry(error.to_string()))
+                    .collect()
+            }
+        }
+    }
+
+    /// Current decisions for `emails`, asked in chunks.
+    pub(crate) async fn decide(&self, emails: &[String]) -> Result<Vec<PersonDecision>> {
+        let mut decisions = Vec::with_capacity(emails.len());
+        for chunk in emails.chunks(DECIDE_CHUNK) {
+            let response = self
+                .decisions
+                .clone()
+                .decide(DecideRequest {
+                    emails: chunk.to_vec(),
+                })
+                .await
+                .map_err(|status| Error::Evaluator(Box::new(status)))?;
+            decisions.extend(response.into_inner().decisions);
+        }
+        Ok(decisions)
+    }
+
+    /// One pass of the write path over `emails` (already normalised and distinct).
+    pub(crate) async fn apply(
+        &self,
+        emails: &[String],
+        options: &ApplyOptions,
+    ) -> Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        if emails.is_empty() {
+            return Ok(report);
+        }
+        let decisions = self.decide(emails).await?;
+        let targets = plan::targets(&decisions, options.opt_out_only);
+        if targets.is_empty() {
+            // Nothing must change: no Salesforce call at all.
+            return Ok(report);
+        }
+        let target_emails: Vec<String> = targets.keys().cloned().collect();
+        let records = self.read_current(&target_emails).await?;
+        let changes = plan::diff(&targets, &records);
+        report.changes = changes.len();
+        if options.dry_run {
+            for change in &changes {
+                tracing::info!(
+                    email = %change.email, object = %change.object, record_id = %change.id,
+                    old = change.old, new = change.new, reason = %change.reason,
+                    "dry run: would write"
+                );
+            }
+            return Ok(report);
+        }
+        let outcomes = self.write(&changes).await?;
+
+        let mut audit = Vec::new();
+        let mut unsettled = BTreeSet::new();
+        let mut written_emails = BTreeSet::new();
+        for (change, outcome) in changes.iter().zip(&outcomes) {
+            match outcome {
+                RecordOutcome::Written => {
+                    self.counters.add(change.object.written_counter(), 1);
+                    report.written += 1;
+                    written_emails.insert(change.email.clone());
+                    audit.push(AuditEntry {
+                        change: change.clone(),
+                        trigger: options.trigger.as_str(),
+                        trace_id: options.trace_ids.get(&change.email).cloned(),
+                    });
+                }
+                RecordOutcome::ConvertedLead => {
+                    tracing::info!(record_id = %change.id, email = %change.email, "skipped converted lead");
+                }
+                RecordOutcome::Retryable(reason) => {
+                    tracing::warn!(record_id = %change.id, object = %change.object, %reason, "record still failing after retries");
+                    unsettled.insert(change.email.clone());
+                    report.retry.insert(change.email.clone());
+                }
+                RecordOutcome::Failed {
+                    status_code,
+                    message,
+                } => {
+                    self.counters.add("write_failures", 1);
+                    unsettled.insert(change.email.clone());
+                    self.dead_letter(change, status_code, message).await?;
+                }
+            }
+        }
+        // Audit before acknowledging anything, so a crash here replays rather than forgets.
+        self.store.insert_audit(&audit).await?;
+
+        for target in targets.values() {
+            if !target.opted_out && target.evidence_id != 0 && !unsettled.contains(&target.email) {
+                self.ack_opt_in(target).await?;
+            }
+        }
+        self.recheck(&targets, &written_emails).await?;
+        Ok(report)
+    }
+
+    /// Reads the current field values of every enabled object for `emails`.
+    async fn read_current(&self, emails: &[String]) -> Result<Vec<CurrentRecord>> {
+        let mut records = Vec::new();
+        for object in &self.objects {
+            for soql in plan::read_queries(*object, emails, self.person_accounts) {
+                let rows: Vec<Value> = self.salesforce.query(&soql).await?;
+                self.counters.add("records_read", rows.len() as u64);
+                records.extend(
+                    rows.iter()
+                        .filter_map(|row| plan::parse_record(*object, row)),
+                );
+            }
+        }
+        Ok(records)
+    }
+
+    /// Writes `changes` and returns one outcome per change, retrying transient failures.
+    async fn write(&self, changes: &[Change]) -> Result<Vec<RecordOutcome>> {
+        let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; changes.len()];
+        let mut collection = Vec::new();
+        for object in SfObject::ALL {
+            let indexes: Vec<usize> = changes
+                .iter()
+                .enumerate()
+                .filter(|(_, change)| change.object == object)
+                .map(|(index, _)| index)
+                .collect();
+            if indexes.len() > self.bulk_threshold {
+                self.write_bulk(object, changes, &indexes, &mut outcomes)
+                    .await?;
+            } else {
+                collection.extend(indexes);
+            }
+        }
+        self.write_collection(changes, &collection, &mut outcomes)
+            .await?;
+
+        for attempt in 0..RECORD_RETRIES {
+            let retry: Vec<usize> = outcomes
+                .iter()
+                .enumerate()
+                .filter(|(_, outcome)| matches!(outcome, Some(RecordOutcome::Retryable(_)) | None))
+                .map(|(index, _)| index)
+                .collect();
+            if retry.is_empty() {
+                break;
+            }
+            let backoff = Duration::from_millis(200 * 4u64.pow(attempt) + fastrand::u64(0..100));
+            tracing::info!(
+                records = retry.len(),
+                ?backoff,
+                "retrying records after transient errors"
+            );
+            tokio::time::sleep(backoff).await;
+            self.write_collection(changes, &retry, &mut outcomes)
+                .await?;
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.unwrap_or_else(|| RecordOutcome::Retryable("not processed".to_owned()))
+            })
+            .collect())
+    }
+
+    /// sObject Collections, up to 200 records (mixed objects) per call.
+    async fn write_collection(
+        &self,
+        changes: &[Change],
+        indexes: &[usize],
+        outcomes: &mut [Option<RecordOutcome>],
+    ) -> Result<()> {
+        for chunk in indexes.chunks(COLLECTION_LIMIT) {
+            let records: Vec<RecordUpdate> = chunk
+                .iter()
+                .map(|index| record_update(&changes[*index]))
+                .collect();
+            let results = self.salesforce.update_collection(&records).await?;
+            // Results come back in request order, one per record.
+            for (position, index) in chunk.iter().enumerate() {
+                outcomes[*index] = Some(RecordOutcome::from_save_result(results.get(position)));
+            }
+        }
+        Ok(())
+    }
+
+    /// One Bulk API 2.0 update job for `object`.
+    async fn write_bulk(
+        &self,
+        object: SfObject,
+        changes: &[Change],
+        indexes: &[usize],
+        outcomes: &mut [Option<RecordOutcome>],
+    ) -> Result<()> {
+        let selected: Vec<&Change> = indexes.iter().map(|index| &changes[*index]).collect();
+        let csv = plan::bulk_csv(object, &selected);
+        tracing::info!(%object, records = indexes.len(), "writing through a bulk job");
+        let result = self.salesforce.bulk_update(object.sobject(), csv).await?;
+        self.counters.add("bulk_jobs", 1);
+        // Bulk results are not in input order: match them by record id.
+        let by_id: HashMap<&str, usize> = indexes
+            .iter()
+            .map(|index| (changes[*index].id.as_str(), *index))
+            .collect();
+        let row_id = |row: &HashMap<String, String>| -> Option<usize> {
+            ["Id", "sf__Id"]
+                .iter()
+                .filter_map(|column| row.get(*column))
+                .find_map(|id| by_id.get(id.as_str()).copied())
+        };
+        for row in &result.successful {
+            if let Some(index) = row_id(row) {
+                outcomes[index] = Some(RecordOutcome::Written);
+            }
+        }
+        for row in &result.failed {
+            if let Some(index) = row_id(row) {
+                let (status_code, message) =
+                    plan::parse_bulk_error(row.get("sf__Error").map(String::as_str).unwrap_or(""));
+                outcomes[index] = Some(RecordOutcome::from_error(&status_code, &message));
+            }
+        }
+        // Records in neither list stay `None` and are retried through collections.
+        Ok(())
+    }
+
+    /// Keeps a permanently rejected record, with Salesforce's reason, in its partition's DLQ.
+    async fn dead_letter(&self, change: &Change, status_code: &str, message: &str) -> Result<()> {
+        let reason = format!(
+            "{status_code}: {message} ({} {})",
+            change.object.sobject(),
+            change.id
+        );
+        tracing::warn!(email = %change.email, %reason, "salesforce rejected record, dead-lettering");
+        let queue = self
+            .topology
+            .persons_dirty_queue(self.topology.partition_for(&change.email));
+        let dead_letter_queue = self.topology.dead_letter_queue(&queue);
+        let body = PersonsDirty {
+            emails: vec![change.email.clone()],
+            reason: reason.clone(),
+        };
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            optout_amqp::REASON_HEADER.into(),
+            lapin::types::AMQPValue::LongString(reason.as_str().into()),
+        );
+        headers.insert(
+            optout_amqp::ORIGINAL_ROUTING_KEY_HEADER.into(),
+            lapin::types::AMQPValue::LongString(
+                self.topology
+                    .persons_dirty_routing_key(self.topology.partition_for(&change.email))
+                    .as_str()
+                    .into(),
+            ),
+        );
+        self.dlq_publisher
+            .publish_typed(&dead_letter_queue, PERSONS_DIRTY_TYPE, &body, headers)
+            .await?;
+        Ok(())
+    }
+
+    async fn ack_opt_in(&self, target: &Target) -> Result<()> {
+        let response = self
+            .decisions
+            .clone()
+            .ack_opt_in(AckOptInRequest {
+                email: target.email.clone(),
+                opt_in_evidence_id: target.evidence_id,
+            })
+            .await
+            .map_err(|status| Error::Evaluator(Box::new(status)))?;
+        if !response.into_inner().cleared {
+            tracing::info!(email = %target.email, "newer opt-in evidence arrived meanwhile; it stays pending");
+        }
+        Ok(())
+    }
+
+    /// Asks again for the emails just written: a decision that moved while we wrote (a concurrent
+    /// Mailchimp change, or another writer's poll cycle) is republished so it converges.
+    async fn recheck(
+        &self,
+        targets: &BTreeMap<String, Target>,
+        written: &BTreeSet<String>,
+    ) -> Result<()> {
+        if written.is_empty() {
+            return Ok(());
+        }
+        let emails: Vec<String> = written.iter().cloned().collect();
+        let moved: Vec<String> = self
+            .decide(&emails)
+            .await?
+            .into_iter()
+            .filter_map(|decision| {
+                let email = plan::normalize_email(&decision.email);
+                let before = targets.get(&email)?;
+                (before.version != decision.version).then_some(email)
+            })
+            .collect();
+        self.republish(&moved, "decision changed while writing")
+            .await
+    }
+
+    /// Publishes `emails` back to their `persons.dirty` partitions.
+    pub(crate) async fn republish(&self, emails: &[String], reason: &str) -> Result<()> {
+        let mut by_partition: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        for email in emails {
+            by_partition
+                .entry(self.topology.partition_for(email))
+                .or_default()
+                .push(email.clone());
+        }
+        for (partition, emails) in by_partition {
+            tracing::info!(
+                partition,
+                emails = emails.len(),
+                reason,
+                "republishing dirty emails"
+            );
+            self.counters.add("republished", emails.len() as u64);
+            let body = PersonsDirty {
+                emails,
+                reason: reason.to_owned(),
+            };
+            self.publisher
+                .publish_typed(
+                    &self.topology.persons_dirty_routing_key(partition),
+                    PERSONS_DIRTY_TYPE,
+                    &body,
+                    lapin::types::FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The collection update of one change.
+fn record_update(change: &Change) -> RecordUpdate {
+    let mut fields = serde_json::Map::new();
+    fields.insert(
+        change.object.opt_out_field().to_owned(),
+        Value::Bool(change.new),
+    );
+    RecordUpdate {
+        object: change.object.sobject().to_owned(),
+        id: change.id.clone(),
+        fields,
+    }
+}
+
+/// The W3C `traceparent` header of a delivery, if present.
+fn traceparent(headers: &lapin::types::FieldTable) -> Option<String> {
+    match headers.inner().get("traceparent")? {
+        lapin::types::AMQPValue::LongString(value) => {
+            Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+        }
+        lapin::types::AMQPValue::ShortString(value) => Some(value.as_str().to_owned()),
+        _ => None,
+    }
+}

@@ -1,0 +1,337 @@
+//! Unit tests of the pure write planning: targets, diff, SOQL and CSV.
+
+use std::collections::BTreeMap;
+
+use chrono::{TimeZone, Utc};
+use optout_proto::evaluator::v1::{Decision, PersonDecision};
+use optout_salesforce_writer::plan::{
+    self, Change, CurrentRecord, MAX_SOQL_LEN, SfObject, Target, diff, parse_record, poll_query,
+    read_queries, target_for, targets,
+};
+use proptest::prelude::*;
+use serde_json::json;
+
+fn decision(email: &str, decision: Decision, evidence: i64) -> PersonDecision {
+    PersonDecision {
+        email: email.to_owned(),
+        decision: decision as i32,
+        version: 7,
+        opt_in_evidence_id: evidence,
+        rule: format!("rule for {email}"),
+    }
+}
+
+fn record(object: SfObject, id: &str, email: &str, opted_out: bool) -> CurrentRecord {
+    CurrentRecord {
+        object,
+        id: id.to_owned(),
+        email: email.to_owned(),
+        opted_out,
+    }
+}
+
+fn target_map(list: &[(&str, bool, i64)]) -> BTreeMap<String, Target> {
+    list.iter()
+        .map(|(email, opted_out, evidence)| {
+            (
+                (*email).to_owned(),
+                Target {
+                    email: (*email).to_owned(),
+                    opted_out: *opted_out,
+                    rule: "rule".to_owned(),
+                    version: 1,
+                    evidence_id: *evidence,
+                },
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn opt_out_decision_asks_for_a_checked_box() {
+    let target = target_for(&decision(" Ann@Example.COM ", Decision::OptOut, 0)).expect("a target");
+    assert!(target.opted_out);
+    assert_eq!(target.email, "ann@example.com");
+    assert_eq!(target.evidence_id, 0);
+    assert_eq!(target.version, 7);
+}
+
+#[test]
+fn opt_in_without_evidence_asks_for_nothing() {
+    assert_eq!(target_for(&decision("a@x.com", Decision::OptIn, 0)), None);
+}
+
+#[test]
+fn opt_in_with_evidence_asks_for_an_unchecked_box() {
+    let target = target_for(&decision("a@x.com", Decision::OptIn, 42)).expect("a target");
+    assert!(!target.opted_out);
+    assert_eq!(target.evidence_id, 42);
+}
+
+#[test]
+fn no_change_and_unknown_decisions_ask_for_nothing() {
+    assert_eq!(
+        target_for(&decision("a@x.com", Decision::NoChange, 5)),
+        None
+    );
+    assert_eq!(
+        target_for(&decision("a@x.com", Decision::Unspecified, 5)),
+        None
+    );
+    let mut unknown = decision("a@x.com", Decision::OptOut, 0);
+    unknown.decision = 99;
+    assert_eq!(target_for(&unknown), None);
+}
+
+#[test]
+fn poll_targets_ignore_opt_ins_even_with_evidence() {
+    let decisions = [
+        decision("in@x.com", Decision::OptIn, 3),
+        decision("out@x.com", Decision::OptOut, 0),
+    ];
+    let poll = targets(&decisions, true);
+    assert_eq!(poll.keys().collect::<Vec<_>>(), ["out@x.com"]);
+    assert_eq!(targets(&decisions, false).len(), 2);
+}
+
+fn any_decision() -> impl Strategy<Value = PersonDecision> {
+    (
+        "[a-zA-Z]{1,8}@[a-z]{1,5}\\.com",
+        -1i32..5,
+        prop_oneof![Just(0i64), 1i64..1000],
+        any::<i64>(),
+    )
+        .prop_map(|(email, kind, evidence, version)| PersonDecision {
+            email,
+            decision: kind,
+            version,
+            opt_in_evidence_id: evidence,
+            rule: String::new(),
+        })
+}
+
+proptest! {
+    #[test]
+    fn never_targets_an_unchecked_box_without_evidence(decisions in proptest::collection::vec(any_decision(), 0..40),
+                                                       opted_out in proptest::collection::vec(any::<bool>(), 40)) {
+        let wanted = targets(&decisions, false);
+        for target in wanted.values() {
+            if !target.opted_out {
+                prop_assert!(target.evidence_id != 0);
+                prop_assert!(decisions.iter().any(|d| plan::normalize_email(&d.email) == target.email
+                    && d.decision == Decision::OptIn as i32 && d.opt_in_evidence_id == target.evidence_id));
+            }
+        }
+        let records: Vec<CurrentRecord> = decisions.iter().zip(&opted_out)
+            .enumerate()
+            .map(|(index, (d, value))| record(SfObject::Contact, &format!("003{index:015}"), &d.email.to_uppercase(), *value))
+            .collect();
+        for change in diff(&wanted, &records) {
+            let target = &wanted[&change.email];
+            prop_assert_eq!(change.new, target.opted_out);
+            prop_assert_ne!(change.old, change.new);
+            if !change.new {
+                prop_assert!(target.evidence_id != 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn diff_matches_emails_case_insensitively() {
+    let wanted = target_map(&[("ann@example.com", true, 0)]);
+    let records = [record(SfObject::Contact, "003A", " ANN@Example.com", false)];
+    let changes = diff(&wanted, &records);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].email, "ann@example.com");
+}
+
+#[test]
+fn diff_skips_records_already_at_their_target_and_records_without_target() {
+    let wanted = target_map(&[("a@x.com", true, 0), ("b@x.com", false, 9)]);
+    let records = [
+        record(SfObject::Contact, "003A", "a@x.com", true),
+        record(SfObject::Lead, "00QA", "a@x.com", false),
+        record(SfObject::Contact, "003B", "b@x.com", false),
+        record(SfObject::Lead, "00QB", "b@x.com", true),
+        record(SfObject::Contact, "003C", "c@x.com", false),
+    ];
+    let changes = diff(&wanted, &records);
+    let summary: Vec<(&str, bool, bool)> = changes
+        .iter()
+        .map(|change| (change.id.as_str(), change.old, change.new))
+        .collect();
+    assert_eq!(summary, [("00QA", false, true), ("00QB", true, false)]);
+}
+
+#[test]
+fn diff_writes_each_record_once_even_when_read_twice() {
+    let wanted = target_map(&[("a@x.com", true, 0)]);
+    let records = [
+        record(SfObject::Lead, "00QA", "a@x.com", false),
+        record(SfObject::Lead, "00QA", "A@X.com", false),
+    ];
+    assert_eq!(diff(&wanted, &records).len(), 1);
+}
+
+#[test]
+fn converted_leads_are_excluded() {
+    let converted =
+        json!({"Id": "00QA", "Email": "a@x.com", "HasOptedOutOfEmail": false, "IsConverted": true});
+    assert_eq!(parse_record(SfObject::Lead, &converted), None);
+    for soql in read_queries(SfObject::Lead, &["a@x.com".to_owned()], false) {
+        assert!(soql.contains("IsConverted = false"), "{soql}");
+    }
+    assert!(poll_query(SfObject::Lead, None, false).contains("IsConverted = false"));
+}
+
+#[test]
+fn parses_rows_of_each_object() {
+    let contact = json!({"attributes": {"type": "Contact"}, "Id": "003A", "Email": "A@X.com", "HasOptedOutOfEmail": true});
+    assert_eq!(
+        parse_record(SfObject::Contact, &contact),
+        Some(record(SfObject::Contact, "003A", "a@x.com", true))
+    );
+    let account = json!({"Id": "001A", "PersonEmail": "p@x.com", "PersonHasOptedOutOfEmail": null});
+    assert_eq!(
+        parse_record(SfObject::PersonAccount, &account),
+        Some(record(SfObject::PersonAccount, "001A", "p@x.com", false))
+    );
+    let no_email = json!({"Id": "003B", "Email": null, "HasOptedOutOfEmail": false});
+    assert_eq!(parse_record(SfObject::Contact, &no_email), None);
+}
+
+#[test]
+fn contact_queries_leave_person_contacts_to_their_account() {
+    let emails = ["a@x.com".to_owned()];
+    let with = read_queries(SfObject::Contact, &emails, true);
+    assert!(
+        with.iter().all(|soql| soql
+            .starts_with("SELECT Id, Email, HasOptedOutOfEmail FROM Contact WHERE Email IN (")
+            && soql.ends_with(" AND IsPersonAccount = false")),
+        "{with:?}"
+    );
+    let without = read_queries(SfObject::Contact, &emails, false);
+    assert!(
+        without.iter().all(|soql| !soql.contains("IsPersonAccount")),
+        "{without:?}"
+    );
+    let accounts = read_queries(SfObject::PersonAccount, &emails, true);
+    assert!(accounts.iter().all(|soql| soql.starts_with(
+        "SELECT Id, PersonEmail, PersonHasOptedOutOfEmail FROM Account WHERE IsPersonAccount = true AND PersonEmail IN ("
+    )), "{accounts:?}");
+}
+
+#[test]
+fn read_queries_cover_every_email_once_and_fit_the_url_limit() {
+    let emails: Vec<String> = (0..1200)
+        .map(|index| format!("o'brien+{index}.someone-with-a-long-name@sub.example-domain.com"))
+        .collect();
+    for object in SfObject::ALL {
+        let queries = read_queries(object, &emails, true);
+        assert!(queries.len() > 1, "1200 addresses need several statements");
+        for soql in &queries {
+            assert!(
+                soql.len() <= MAX_SOQL_LEN,
+                "statement of {} characters",
+                soql.len()
+            );
+            let encoded: String = url::form_urlencoded::byte_serialize(soql.as_bytes()).collect();
+            let uri = format!("/services/data/v59.0/query?q={encoded}");
+            assert!(uri.len() < 16_384, "uri of {} bytes", uri.len());
+        }
+        for email in &emails {
+            let quoted = optout_salesforce::soql::quote(email);
+            let hits = queries.iter().filter(|soql| soql.contains(&quoted)).count();
+            assert_eq!(hits, 1, "{email} appears in {hits} statements");
+        }
+    }
+}
+
+#[test]
+fn poll_query_reads_unchecked_records_since_the_watermark_minus_one_second() {
+    let watermark = Utc
+        .with_ymd_and_hms(2024, 5, 1, 10, 0, 0)
+        .single()
+        .expect("valid time");
+    assert_eq!(
+        poll_query(SfObject::Contact, Some(watermark), false),
+        "SELECT Id, Email, HasOptedOutOfEmail, SystemModstamp FROM Contact WHERE SystemModstamp > 2024-05-01T09:59:59Z \
+         AND HasOptedOutOfEmail = false ORDER BY SystemModstamp"
+    );
+    assert_eq!(
+        poll_query(SfObject::PersonAccount, Some(watermark), true),
+        "SELECT Id, PersonEmail, PersonHasOptedOutOfEmail, SystemModstamp FROM Account WHERE IsPersonAccount = true \
+         AND SystemModstamp > 2024-05-01T09:59:59Z AND PersonHasOptedOutOfEmail = false ORDER BY SystemModstamp"
+    );
+    assert!(!poll_query(SfObject::Contact, None, false).contains("SystemModstamp >"));
+}
+
+#[test]
+fn parses_salesforce_datetimes() {
+    let expected = Utc
+        .with_ymd_and_hms(2024, 5, 1, 10, 0, 0)
+        .single()
+        .expect("valid time");
+    assert_eq!(
+        plan::parse_sf_datetime("2024-05-01T10:00:00.000+0000"),
+        Some(expected)
+    );
+    assert_eq!(
+        plan::parse_sf_datetime("2024-05-01T12:00:00.000+0200"),
+        Some(expected)
+    );
+    assert_eq!(
+        plan::parse_sf_datetime("2024-05-01T10:00:00Z"),
+        Some(expected)
+    );
+    assert_eq!(plan::parse_sf_datetime("yesterday"), None);
+}
+
+#[test]
+fn bulk_csv_and_errors_use_the_object_field() {
+    let change = Change {
+        object: SfObject::PersonAccount,
+        id: "001A".to_owned(),
+        email: "a@x.com".to_owned(),
+        old: false,
+        new: true,
+        reason: "r".to_owned(),
+    };
+    assert_eq!(
+        plan::bulk_csv(SfObject::PersonAccount, &[&change]),
+        "Id,PersonHasOptedOutOfEmail\n001A,true\n"
+    );
+    assert_eq!(
+        plan::parse_bulk_error(
+            "UNABLE_TO_LOCK_ROW:unable to obtain exclusive access to this record:--"
+        ),
+        (
+            "UNABLE_TO_LOCK_ROW".to_owned(),
+            "unable to obtain exclusive access to this record".to_owned()
+        )
+    );
+    assert!(plan::is_retryable_status("UNABLE_TO_LOCK_ROW"));
+    assert!(!plan::is_retryable_status(
+        "FIELD_CUSTOM_VALIDATION_EXCEPTION"
+    ));
+}
+
+#[test]
+fn objects_parse_from_configuration_names() {
+    assert_eq!("contact".parse::<SfObject>(), Ok(SfObject::Contact));
+    assert_eq!(
+        " PersonAccount".parse::<SfObject>(),
+        Ok(SfObject::PersonAccount)
+    );
+    assert!("Opportunity".parse::<SfObject>().is_err());
+}
+
+#[test]
+fn trace_ids_come_from_traceparent() {
+    assert_eq!(
+        plan::trace_id_from_traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736".to_owned())
+    );
+    assert_eq!(plan::trace_id_from_traceparent("garbage"), None);
+}

@@ -1,0 +1,865 @@
+//! Integration tests of the writer: the sandbox's Salesforce in-process, real RabbitMQ and
+//! PostgreSQL, and a fake Decisions service whose answers each test sets.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use optout_amqp::{Publisher, Topology};
+use optout_proto::admin::v1::admin_client::AdminClient;
+use optout_proto::admin::v1::{GetStatusRequest, GetStatusResponse, TriggerSyncRequest};
+use optout_proto::evaluator::v1::decisions_server::{Decisions, DecisionsServer};
+use optout_proto::evaluator::v1::{
+    AckOptInRequest, AckOptInResponse, DecideRequest, DecideResponse, Decision, ExplainRequest,
+    ExplainResponse, PersonDecision,
+};
+use optout_proto::queue::v1::PersonsDirty;
+use optout_salesforce_writer::Config;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const ADMIN_TOKEN: &str = "test-admin-token";
+const DEADLINE: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Fake Decisions service
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Default)]
+struct FakeDecisions {
+    inner: Arc<Mutex<FakeState>>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    decisions: HashMap<String, PersonDecision>,
+    /// Emails whose version moves once, right after the first Decide that returned them.
+    move_once: HashMap<String, bool>,
+    decide_calls: HashMap<String, u32>,
+    acks: Vec<(String, i64)>,
+}
+
+impl FakeDecisions {
+    fn set(&self, email: &str, decision: Decision, evidence: i64) {
+        let mut state = self.inner.lock().expect("fake state");
+        let version = state
+            .decisions
+            .get(email)
+            .map_or(1, |previous| previous.version + 1);
+        state.decisions.insert(
+            email.to_owned(),
+            PersonDecision {
+                email: email.to_owned(),
+                decision: decision as i32,
+                version,
+                opt_in_evidence_id: evidence,
+                rule: format!("test rule {decision:?}"),
+            },
+        );
+    }
+
+    fn move_version_once(&self, email: &str) {
+        self.inner
+            .lock()
+            .expect("fake state")
+            .move_once
+            .insert(email.to_owned(), true);
+    }
+
+    fn acks(&self) -> Vec<(String, i64)> {
+        self.inner.lock().expect("fake state").acks.clone()
+    }
+
+    fn decide_calls(&self, email: &str) -> u32 {
+        self.inner
+            .lock()
+            .expect("fake state")
+            .decide_calls
+            .get(email)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+#[tonic::async_trait]
+impl Decisions for FakeDecisions {
+    async fn decide(
+        &self,
+        request: Request<DecideRequest>,
+    ) -> Result<Response<DecideResponse>, Status> {
+        let mut state = self.inner.lock().expect("fake state");
+        let mut decisions = Vec::new();
+        for email in request.into_inner().emails {
+            *state.decide_calls.entry(email.clone()).or_default() += 1;
+            let decision = state
+                .decisions
+                .get(&email)
+                .cloned()
+                .unwrap_or_else(|| PersonDecision {
+                    email: email.clone(),
+                    decision: Decision::NoChange as i32,
+                    version: 0,
+                    opt_in_evidence_id: 0,
+                    rule: "no members".to_owned(),
+                });
+            decisions.push(decision);
+            if state.move_once.get(&email) == Some(&true) {
+                state.move_once.insert(email.clone(), false);
+                if let Some(stored) = state.decisions.get_mut(&email) {
+                    stored.version += 1;
+                }
+            }
+        }
+        Ok(Response::new(DecideResponse { decisions }))
+    }
+
+    async fn ack_opt_in(
+        &self,
+        request: Request<AckOptInRequest>,
+    ) -> Result<Response<AckOptInResponse>, Status> {
+        let request = request.into_inner();
+        let mut state = self.inner.lock().expect("fake state");
+        state
+            .acks
+            .push((request.email.clone(), request.opt_in_evidence_id));
+        if let Some(stored) = state.decisions.get_mut(&request.email)
+            && stored.opt_in_evidence_id == request.opt_in_evidence_id
+        {
+            stored.opt_in_evidence_id = 0;
+        }
+        Ok(Response::new(AckOptInResponse { cleared: true }))
+    }
+
+    async fn explain(
+        &self,
+        _request: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct Bearer;
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let value = format!("Bearer {ADMIN_TOKEN}")
+            .parse()
+            .map_err(|_| Status::internal("header"))?;
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+}
+
+struct TestApp {
+    sandbox: Option<optout_sandbox::Sandbox>,
+    http: reqwest::Client,
+    control_url: String,
+    stats_url: String,
+    fake: FakeDecisions,
+    admin: AdminClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>,
+    writer_address: SocketAddr,
+    publisher: Publisher,
+    topology: Topology,
+    amqp: lapin::Connection,
+    database: sqlx::PgPool,
+    schema: String,
+    shutdown: CancellationToken,
+    writer: Option<tokio::task::JoinHandle<optout_salesforce_writer::Result<()>>>,
+    fake_stop: CancellationToken,
+}
+
+impl TestApp {
+    async fn spawn(person_accounts: bool) -> Result<Self> {
+        Self::spawn_with(person_accounts, &[]).await
+    }
+
+    async fn spawn_with(person_accounts: bool, extra_args: &[&str]) -> Result<Self> {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let sandbox = optout_sandbox::Sandbox::start(optout_sandbox::SandboxConfig {
+            seed: 7,
+            audiences: 1,
+            members: 0,
+            person_accounts,
+            ..Default::default()
+        })
+        .await
+        .context("failed to start the sandbox")?;
+        let info = sandbox.info().clone();
+
+        let fake = FakeDecisions::default();
+        let fake_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let fake_address = fake_listener.local_addr()?;
+        let fake_stop = CancellationToken::new();
+        let fake_stopped = fake_stop.clone();
+        let fake_service = fake.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(DecisionsServer::new(fake_service))
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(fake_listener),
+                    async move { fake_stopped.cancelled().await },
+                )
+                .await
+        });
+
+        let schema_prefix = format!("wtest_{}", &tag[..12]);
+        let prefix = format!("wtest-{}.", &tag[..12]);
+        let ca_file = info.salesforce_ca_file.display().to_string();
+        let evaluator_url = format!("http://{fake_address}");
+        let mut args = vec![
+            "--salesforce-login-url",
+            &info.salesforce_login_url,
+            "--salesforce-client-id",
+            &info.salesforce_client_id,
+            "--salesforce-client-secret",
+            &info.salesforce_client_secret,
+            "--salesforce-ca-file",
+            &ca_file,
+            "--evaluator-url",
+            &evaluator_url,
+            "--amqp-url",
+            AMQP_URL,
+            "--queue-prefix",
+            &prefix,
+            "--database-url",
+            DATABASE_URL,
+            "--database-schema",
+            &schema_prefix,
+            "--admin-token",
+            ADMIN_TOKEN,
+            "--poll-interval-secs",
+            "0",
+            "--batch-wait-ms",
+            "100",
+        ];
+        args.extend_from_slice(extra_args);
+        let config = Config::try_parse_from_args(args)?;
+        let topology = config.topology();
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let writer_address = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let writer = tokio::spawn(optout_salesforce_writer::serve(
+            config,
+            listener,
+            shutdown.clone(),
+        ));
+
+        let admin = connect_admin(writer_address).await?;
+        let amqp = optout_amqp::connect(AMQP_URL)
+            .await
+            .context("RabbitMQ must run at 127.0.0.1:5672 (guest/guest); start it with `rabbitmq-server -detached`")?;
+        let database = sqlx::PgPool::connect(DATABASE_URL).await.context(
+            "PostgreSQL must run at 127.0.0.1:5432 (trust auth); start it with `pg_ctlcluster`",
+        )?;
+        let mut app = Self {
+            sandbox: Some(sandbox),
+            http: reqwest::Client::new(),
+            control_url: info.control_url.trim_end_matches('/').to_owned(),
+            stats_url: info.stats_url.clone(),
+            fake,
+            admin,
+            writer_address,
+            publisher: Publisher::new(&amqp, topology.clone()).await?,
+            topology,
+            amqp,
+            database,
+            schema: format!("{schema_prefix}_writer"),
+            shutdown,
+            writer: Some(writer),
+            fake_stop,
+        };
+        app.wait_until_ready().await?;
+        // The publisher was made before the writer declared the topology; that is fine since
+        // publishing only needs the exchange, which exists once the writer is ready.
+        app.publisher = Publisher::new(&app.amqp, app.topology.clone()).await?;
+        Ok(app)
+    }
+
+    async fn wait_until_ready(&mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match self.admin.get_status(GetStatusRequest {}).await {
+                Ok(_) => return Ok(()),
+                Err(status)
+                    if tokio::time::Instant::now() < deadline
+                        && status.code() == tonic::Code::Unavailable =>
+                {
+                    if self
+                        .writer
+                        .as_ref()
+                        .is_some_and(tokio::task::JoinHandle::is_finished)
+                    {
+                        let result = self.writer.take().context("writer handle")?.await?;
+                        bail!("writer stopped during start-up: {result:?}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(status) => bail!("writer never became ready: {status}"),
+            }
+        }
+    }
+
+    async fn status(&mut self) -> Result<GetStatusResponse> {
+        Ok(self
+            .admin
+            .get_status(GetStatusRequest {})
+            .await?
+            .into_inner())
+    }
+
+    async fn create(&self, object: &str, fields: Value) -> Result<String> {
+        let response = self
+            .http
+            .post(format!("{}/salesforce/records/{object}", self.control_url))
+            .json(&fields)
+            .send()
+            .await?
+            .error_for_status()?;
+        let body: Value = response.json().await?;
+        body.get("id")
+            .or_else(|| body.get("Id"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .with_context(|| format!("no id in {body}"))
+    }
+
+    async fn records(&self, email: &str) -> Result<Vec<Value>> {
+        let response = self
+            .http
+            .get(format!("{}/salesforce/records", self.control_url))
+            .query(&[("email", email)])
+            .send()
+            .await?
+            .error_for_status()?;
+        let body: Value = response.json().await?;
+        let records = match body {
+            Value::Array(records) => records,
+            Value::Object(mut object) => match object.remove("records") {
+                Some(Value::Array(records)) => records,
+                _ => bail!("unexpected records body"),
+            },
+            _ => bail!("unexpected records body"),
+        };
+        Ok(records)
+    }
+
+    async fn edit(&self, object: &str, id: &str, fields: Value) -> Result<()> {
+        self.http
+            .patch(format!(
+                "{}/salesforce/records/{object}/{id}",
+                self.control_url
+            ))
+            .json(&fields)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    async fn salesforce_calls(&self) -> Result<HashMap<String, u64>> {
+        let stats: Value = self
+            .http
+            .get(&self.stats_url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let calls = stats
+            .get("calls")
+            .and_then(|calls| calls.get("salesforce"))
+            .and_then(Value::as_object)
+            .map(|calls| {
+                calls
+                    .iter()
+                    .map(|(key, value)| (key.clone(), value.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(calls)
+    }
+
+    async fn publish(&self, emails: &[&str]) -> Result<()> {
+        let mut by_partition: HashMap<u16, Vec<String>> = HashMap::new();
+        for email in emails {
+            by_partition
+                .entry(self.topology.partition_for(email))
+                .or_default()
+                .push((*email).to_owned());
+        }
+        for (partition, emails) in by_partition {
+            let body = PersonsDirty {
+                emails,
+                reason: "test".to_owned(),
+            };
+            self.publisher
+                .publish_typed(
+                    &self.topology.persons_dirty_routing_key(partition),
+                    "optout.queue.v1.PersonsDirty",
+                    &body,
+                    lapin::types::FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn audit_rows(&self, email: &str) -> Result<Vec<(String, bool, bool, String, String)>> {
+        let rows: Vec<(String, bool, bool, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT object, old_value, new_value, reason, \"trigger\" FROM \"{}\".audit_log WHERE email = $1 ORDER BY id",
+            self.schema
+        )))
+        .bind(email)
+        .fetch_all(&self.database)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Waits until the writer holds no deliveries and is idle, and the queues are drained.
+    async fn wait_idle(&mut self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let status = self.status().await?;
+            let queued: u64 = status
+                .queues
+                .iter()
+                .filter(|queue| !queue.name.ends_with(".dlq"))
+                .map(|queue| queue.messages)
+                .sum();
+            if status.in_flight == 0 && !status.busy && queued == 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("writer never became idle: {status:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(mut self) -> Result<()> {
+        self.shutdown.cancel();
+        if let Some(writer) = self.writer.take() {
+            tokio::time::timeout(DEADLINE, writer)
+                .await
+                .context("writer did not stop")???;
+        }
+        self.fake_stop.cancel();
+        let channel = self.amqp.create_channel().await?;
+        optout_amqp::teardown(&channel, &self.topology).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.schema
+        )))
+        .execute(&self.database)
+        .await?;
+        if let Some(sandbox) = self.sandbox.take() {
+            sandbox.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+async fn connect_admin(
+    address: SocketAddr,
+) -> Result<AdminClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{address}"))?.connect_lazy();
+    Ok(AdminClient::with_interceptor(channel, Bearer))
+}
+
+trait ParseArgs: Sized {
+    fn try_parse_from_args<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<Self>;
+}
+
+impl ParseArgs for Config {
+    fn try_parse_from_args<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<Self> {
+        use clap::Parser;
+        let all = std::iter::once("optout-salesforce-writer").chain(args);
+        Ok(Config::try_parse_from(all)?)
+    }
+}
+
+fn opted_out(record: &Value) -> Option<bool> {
+    record
+        .get("HasOptedOutOfEmail")
+        .or_else(|| record.get("PersonHasOptedOutOfEmail"))
+        .and_then(Value::as_bool)
+}
+
+fn record_type(record: &Value) -> String {
+    record
+        .pointer("/attributes/type")
+        .or_else(|| record.get("type"))
+        .or_else(|| record.get("object"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn is_converted(record: &Value) -> bool {
+    record.get("IsConverted").and_then(Value::as_bool) == Some(true)
+}
+
+/// Waits until every record of each email is checked (`true`) or unchecked, skipping converted Leads.
+async fn wait_for_value(app: &TestApp, emails: &[&str], value: bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    for email in emails {
+        loop {
+            let records = app.records(email).await?;
+            let relevant: Vec<&Value> = records
+                .iter()
+                .filter(|record| !is_converted(record))
+                .collect();
+            if !relevant.is_empty()
+                && relevant
+                    .iter()
+                    .all(|record| opted_out(record) == Some(value))
+            {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("records of {email} never reached {value}: {records:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opt_outs_check_every_contact_and_lead_with_few_calls_and_an_audit_row_each() -> Result<()>
+{
+    let mut app = TestApp::spawn(false).await?;
+    let emails: Vec<String> = (0..250)
+        .map(|index| format!("person{index}@example.com"))
+        .collect();
+    for (index, email) in emails.iter().enumerate() {
+        // Mixed case in Salesforce: matching must ignore it.
+        let stored = if index % 2 == 0 {
+            email.to_uppercase()
+        } else {
+            email.clone()
+        };
+        app.create(
+            "Contact",
+            json!({"LastName": "C", "Email": stored, "HasOptedOutOfEmail": false}),
+        )
+        .await?;
+        app.create(
+            "Lead",
+            json!({"LastName": "L", "Company": "X", "Email": stored, "HasOptedOutOfEmail": false}),
+        )
+        .await?;
+        app.fake.set(email, Decision::OptOut, 0);
+    }
+    // A converted Lead must be left alone.
+    let converted = app
+        .create("Lead", json!({"LastName": "V", "Company": "X", "Email": emails[0], "HasOptedOutOfEmail": false}))
+        .await?;
+    app.http
+        .post(format!(
+            "{}/salesforce/leads/{converted}/convert",
+            app.control_url
+        ))
+        .send()
+        .await?
+        .error_for_status()?;
+    // One email's decision moves while it is written: the writer must notice and go round again.
+    app.fake.move_version_once(&emails[1]);
+
+    let before = app.salesforce_calls().await?;
+    let refs: Vec<&str> = emails.iter().map(String::as_str).collect();
+    app.publish(&refs).await?;
+    wait_for_value(&app, &refs, true).await?;
+    app.wait_idle().await?;
+
+    let converted_record = app
+        .records(&emails[0])
+        .await?
+        .into_iter()
+        .find(|record| record.get("Id").and_then(Value::as_str) == Some(converted.as_str()))
+        .context("converted lead")?;
+    assert_eq!(
+        opted_out(&converted_record),
+        Some(false),
+        "converted lead was written"
+    );
+
+    let mut changed = 0u64;
+    for email in &emails {
+        // Converting the Lead made a Contact too, which must be checked like any other.
+        let writable = app
+            .records(email)
+            .await?
+            .iter()
+            .filter(|record| !is_converted(record))
+            .count();
+        changed += writable as u64;
+        let rows = app.audit_rows(email).await?;
+        assert_eq!(rows.len(), writable, "audit rows of {email}: {rows:?}");
+        assert!(rows.iter().all(|(_, old, new, reason, trigger)| !old
+            && *new
+            && trigger == "mailchimp"
+            && reason.contains("OptOut")));
+    }
+
+    let after = app.salesforce_calls().await?;
+    let writes: u64 = after
+        .iter()
+        .filter(|(endpoint, _)| endpoint.contains("composite") || endpoint.contains("jobs/ingest"))
+        .map(|(endpoint, count)| count - before.get(endpoint).copied().unwrap_or(0))
+        .sum();
+    // Batches split by partition and timing: at most a handful more than the ideal ceil(n/200).
+    assert!(
+        writes <= changed.div_ceil(200) + 8,
+        "{writes} write calls for {changed} records: {after:?}"
+    );
+
+    let status = app.status().await?;
+    let written = status.counters.get("written_contact").copied().unwrap_or(0)
+        + status.counters.get("written_lead").copied().unwrap_or(0);
+    assert_eq!(written as u64, changed, "counters: {:?}", status.counters);
+    assert_eq!(status.counters.get("written_lead"), Some(&250));
+    assert_eq!(status.counters.get("write_failures"), Some(&0));
+    assert!(
+        status.counters.get("republished").copied().unwrap_or(0) >= 1,
+        "moved decision not republished"
+    );
+    assert!(
+        app.fake.decide_calls(&emails[1]) >= 3,
+        "moved decision not re-decided"
+    );
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opt_ins_uncheck_only_with_evidence_and_are_acknowledged() -> Result<()> {
+    let mut app = TestApp::spawn(false).await?;
+    let (quiet, without, with) = (
+        "quiet@example.com",
+        "no-evidence@example.com",
+        "evidence@example.com",
+    );
+    for email in [quiet, without, with] {
+        app.create(
+            "Contact",
+            json!({"LastName": "C", "Email": email, "HasOptedOutOfEmail": true}),
+        )
+        .await?;
+        app.create(
+            "Lead",
+            json!({"LastName": "L", "Company": "X", "Email": email, "HasOptedOutOfEmail": true}),
+        )
+        .await?;
+    }
+
+    // No target at all: the batch is acked without a single Salesforce call.
+    app.fake.set(quiet, Decision::NoChange, 0);
+    let before = app.salesforce_calls().await?;
+    app.publish(&[quiet]).await?;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while app.fake.decide_calls(quiet) == 0 {
+        if tokio::time::Instant::now() > deadline {
+            bail!("quiet email never decided");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.wait_idle().await?;
+    assert_eq!(
+        app.salesforce_calls().await?,
+        before,
+        "a batch without targets called Salesforce"
+    );
+
+    app.fake.set(without, Decision::OptIn, 0);
+    app.fake.set(with, Decision::OptIn, 77);
+    app.publish(&[without, with]).await?;
+    wait_for_value(&app, &[with], false).await?;
+    app.wait_idle().await?;
+    let records = app.records(without).await?;
+    assert!(
+        records.iter().all(|record| opted_out(record) == Some(true)),
+        "unchecked without evidence: {records:?}"
+    );
+    assert!(app.audit_rows(without).await?.is_empty());
+    assert_eq!(app.fake.acks(), [(with.to_owned(), 77)]);
+    let rows = app.audit_rows(with).await?;
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|(_, old, new, _, _)| *old && !new));
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_uncheck_is_rechecked_by_a_triggered_poll_cycle() -> Result<()> {
+    let mut app = TestApp::spawn(false).await?;
+    let email = "drift@example.com";
+    let contact = app
+        .create(
+            "Contact",
+            json!({"LastName": "C", "Email": email, "HasOptedOutOfEmail": true}),
+        )
+        .await?;
+    let lead = app
+        .create(
+            "Lead",
+            json!({"LastName": "L", "Company": "X", "Email": email, "HasOptedOutOfEmail": true}),
+        )
+        .await?;
+    app.fake.set(email, Decision::OptOut, 0);
+
+    app.edit("Contact", &contact, json!({"HasOptedOutOfEmail": false}))
+        .await?;
+    let records = app.records(email).await?;
+    assert!(
+        records
+            .iter()
+            .any(|record| opted_out(record) == Some(false)),
+        "manual uncheck did not apply"
+    );
+
+    let run_id = app
+        .admin
+        .trigger_sync(TriggerSyncRequest {
+            full: false,
+            dry_run: false,
+            ..Default::default()
+        })
+        .await?;
+    let run_id = run_id.into_inner().run_id;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let status = app.status().await?;
+        if status.last_run_id == run_id && status.last_run_finished {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("poll cycle {run_id} never finished: {status:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for_value(&app, &[email], true).await?;
+    let rows = app.audit_rows(email).await?;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].0, "Contact");
+    assert_eq!(rows[0].4, "salesforce-poll");
+    let lead_record = app
+        .records(email)
+        .await?
+        .into_iter()
+        .find(|record| record.get("Id").and_then(Value::as_str) == Some(lead.as_str()))
+        .context("lead")?;
+    assert_eq!(record_type(&lead_record), "Lead");
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_needs_the_token_and_health_reports_serving() -> Result<()> {
+    let app = TestApp::spawn(false).await?;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", app.writer_address))?
+            .connect()
+            .await?;
+    let refused = AdminClient::new(channel.clone())
+        .get_status(GetStatusRequest {})
+        .await;
+    assert_eq!(
+        refused.err().map(|status| status.code()),
+        Some(tonic::Code::Unauthenticated)
+    );
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_rows_are_retried_and_large_diffs_go_through_bulk_jobs() -> Result<()> {
+    let mut app = TestApp::spawn_with(false, &["--bulk-threshold", "20"]).await?;
+    let emails: Vec<String> = (0..120)
+        .map(|index| format!("locked{index}@example.com"))
+        .collect();
+    for email in &emails {
+        app.create(
+            "Contact",
+            json!({"LastName": "C", "Email": email, "HasOptedOutOfEmail": false}),
+        )
+        .await?;
+        app.fake.set(email, Decision::OptOut, 0);
+    }
+    app.http
+        .put(format!("{}/faults", app.control_url))
+        .json(&json!({"unable_to_lock_row_rate": 0.3}))
+        .send()
+        .await?
+        .error_for_status()?;
+    let refs: Vec<&str> = emails.iter().map(String::as_str).collect();
+    app.publish(&refs).await?;
+    wait_for_value(&app, &refs, true).await?;
+    app.wait_idle().await?;
+    for email in &emails {
+        let rows = app.audit_rows(email).await?;
+        assert_eq!(rows.len(), 1, "audit rows of {email}: {rows:?}");
+    }
+    let status = app.status().await?;
+    assert!(
+        status.counters.get("bulk_jobs").copied().unwrap_or(0) >= 1,
+        "{:?}",
+        status.counters
+    );
+    assert_eq!(status.counters.get("written_contact"), Some(&120));
+    assert_eq!(status.counters.get("write_failures"), Some(&0));
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn person_accounts_are_written_through_the_account() -> Result<()> {
+    let mut app = TestApp::spawn(true).await?;
+    let email = "person@example.com";
+    app.create(
+        "Account",
+        json!({"LastName": "P", "PersonEmail": email, "PersonHasOptedOutOfEmail": false}),
+    )
+    .await?;
+    app.create(
+        "Contact",
+        json!({"LastName": "C", "Email": email, "HasOptedOutOfEmail": false}),
+    )
+    .await?;
+    app.fake.set(email, Decision::OptOut, 0);
+    app.publish(&[email]).await?;
+    wait_for_value(&app, &[email], true).await?;
+    app.wait_idle().await?;
+    let mut objects: Vec<String> = app
+        .audit_rows(email)
+        .await?
+        .into_iter()
+        .map(|row| row.0)
+        .collect();
+    objects.sort();
+    assert_eq!(objects, ["Contact", "PersonAccount"]);
+    app.stop().await
+}
