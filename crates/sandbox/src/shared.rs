@@ -27,6 +27,7 @@ pub struct Stats {
 struct StatsInner {
     calls: BTreeMap<Api, BTreeMap<String, u64>>,
     records_written: BTreeMap<Api, u64>,
+    rejected_over_limit: BTreeMap<Api, u64>,
 }
 
 /// A point-in-time copy of [`Stats`], as served at `/_sandbox/stats`.
@@ -38,35 +39,71 @@ pub struct StatsSnapshot {
     pub total_calls: BTreeMap<Api, u64>,
     /// Records (members or sObjects) created or changed through the API, per API.
     pub records_written: BTreeMap<Api, u64>,
+    /// Requests refused because the caller had too many in flight (Mailchimp's 10-connection
+    /// limit), per API. Also counted in `calls`.
+    #[serde(default)]
+    pub rejected_over_limit: BTreeMap<Api, u64>,
 }
 
 impl Stats {
     /// Counts one call served on `endpoint` (a route label, not the concrete path).
     pub fn record_call(&self, api: Api, endpoint: &str) {
-        let mut inner = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *inner.calls.entry(api).or_default().entry(endpoint.to_owned()).or_default() += 1;
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *inner
+            .calls
+            .entry(api)
+            .or_default()
+            .entry(endpoint.to_owned())
+            .or_default() += 1;
     }
 
     /// Counts records created or changed by one call.
     pub fn record_writes(&self, api: Api, records: u64) {
-        let mut inner = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         *inner.records_written.entry(api).or_default() += records;
+    }
+
+    /// Counts one request refused for exceeding the concurrent-connection limit.
+    pub fn record_rejected_over_limit(&self, api: Api) {
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *inner.rejected_over_limit.entry(api).or_default() += 1;
     }
 
     /// Copies the counters.
     pub fn snapshot(&self) -> StatsSnapshot {
-        let inner = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
         let total_calls = inner
             .calls
             .iter()
             .map(|(api, per_endpoint)| (*api, per_endpoint.values().sum()))
             .collect();
-        StatsSnapshot { calls: inner.calls, total_calls, records_written: inner.records_written }
+        StatsSnapshot {
+            calls: inner.calls,
+            total_calls,
+            records_written: inner.records_written,
+            rejected_over_limit: inner.rejected_over_limit,
+        }
     }
 
     /// Sets every counter back to zero.
     pub fn reset(&self) {
-        *self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = StatsInner::default();
+        *self
+            .inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = StatsInner::default();
     }
 }
 
@@ -121,17 +158,25 @@ pub struct Faults {
 impl Faults {
     /// Starts from the given settings.
     pub fn new(settings: FaultSettings) -> Self {
-        Self { settings: Arc::new(RwLock::new(settings)) }
+        Self {
+            settings: Arc::new(RwLock::new(settings)),
+        }
     }
 
     /// The current settings.
     pub fn settings(&self) -> FaultSettings {
-        self.settings.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.settings
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Replaces the settings.
     pub fn set(&self, settings: FaultSettings) {
-        *self.settings.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = settings;
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = settings;
     }
 
     /// Latency to add to every request of `api`.
@@ -150,7 +195,9 @@ impl Faults {
             return Some(InjectedFault::Unavailable);
         }
         if roll < faults.rate_429 + faults.rate_503 + faults.rate_timeout {
-            return Some(InjectedFault::Timeout(Duration::from_millis(faults.timeout_ms.max(1))));
+            return Some(InjectedFault::Timeout(Duration::from_millis(
+                faults.timeout_ms.max(1),
+            )));
         }
         None
     }
@@ -161,7 +208,10 @@ impl Faults {
     }
 
     fn api(&self, api: Api) -> ApiFaults {
-        let settings = self.settings.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let settings = self
+            .settings
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         match api {
             Api::Mailchimp => settings.mailchimp.clone(),
             Api::Salesforce => settings.salesforce.clone(),
