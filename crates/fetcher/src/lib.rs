@@ -1,1 +1,305 @@
-//! Placeholder until this crate is written.
+//! The fetcher: the Mailchimp side of optout-sync.
+//!
+//! It polls every in-scope audience for members whose `last_changed` moved since the audience's
+//! watermark and publishes each page as one `MembersChanged` on RabbitMQ, moving the watermark only
+//! after every page is confirmed. It serves gRPC health, reflection and `optout.admin.v1.Admin`
+//! (status, pause/resume, trigger a sync).
+
+pub mod admin;
+pub mod config;
+mod error;
+pub mod pager;
+pub mod store;
+pub mod sync;
+
+use std::{io::Write, net::SocketAddr, sync::Arc, time::Duration};
+
+use optout_amqp::Topology;
+use optout_mailchimp::{MailchimpClient, MailchimpConfig};
+use optout_proto::admin::v1::admin_server::AdminServer;
+use secrecy::ExposeSecret;
+use sqlx::PgPool;
+use tokio::{net::TcpListener, sync::OnceCell};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tracing::{info, warn};
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use sync::{Fetcher, RunReport, RunStatus, SyncRequest, SyncSettings};
+
+use crate::admin::{AdminService, BearerAuth};
+
+/// The gRPC name of the Admin service, for health reporting.
+const ADMIN_SERVICE: &str = "optout.admin.v1.Admin";
+/// How often the dependencies are re-checked for the health service.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Binds `config.grpc_listen`, announces `{"service":"fetcher","grpc":"ADDR"}` as the first stdout
+/// line and serves until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    config.validate()?;
+    let listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.grpc_listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: config.grpc_listen,
+        source,
+    })?;
+    announce(addr)?;
+    serve(config, listener, shutdown).await
+}
+
+fn announce(addr: SocketAddr) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        r#"{{"service":"{}","grpc":"{addr}"}}"#,
+        admin::SERVICE_NAME
+    )
+    .map_err(Error::Announce)?;
+    stdout.flush().map_err(Error::Announce)
+}
+
+/// Serves gRPC on `listener` at once (health `NOT_SERVING`), connects to PostgreSQL, RabbitMQ and
+/// Mailchimp (retrying until they answer), then reports `SERVING` and syncs on schedule and on demand
+/// until `shutdown`. At shutdown it reports `NOT_SERVING`, lets the page under way be published and
+/// stops.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    config.validate()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(optout_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let slot = Arc::new(OnceCell::new());
+    let admin = AdminServer::with_interceptor(
+        AdminService::new(Arc::clone(&slot)),
+        BearerAuth::new(config.admin_token.clone()),
+    );
+    let server_stop = CancellationToken::new();
+    let mut server = tokio::spawn(
+        Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener),
+                server_stop.clone().cancelled_owned(),
+            ),
+    );
+
+    let connected = tokio::select! {
+        connected = connect_with_retry(&config) => Some(connected?),
+        () = shutdown.cancelled() => None,
+    };
+    let Some(resources) = connected else {
+        server_stop.cancel();
+        return join_server(server).await;
+    };
+    let topology = topology(&config);
+    let fetcher = Fetcher::new(
+        resources.pool.clone(),
+        resources.client,
+        Arc::clone(&resources.amqp),
+        topology,
+        settings(&config),
+        shutdown.child_token(),
+    );
+    // Set exactly once, right here.
+    let _ = slot.set(fetcher.clone());
+    set_health(&health, ServingStatus::Serving).await;
+    info!("fetcher ready");
+    fetcher.spawn_scheduler();
+    let monitor = tokio::spawn(monitor_health(
+        health.clone(),
+        resources.pool.clone(),
+        Arc::clone(&resources.amqp),
+        shutdown.child_token(),
+    ));
+
+    let server_result = tokio::select! {
+        () = shutdown.cancelled() => None,
+        result = &mut server => Some(result),
+    };
+    info!("fetcher shutting down");
+    monitor.abort();
+    set_health(&health, ServingStatus::NotServing).await;
+    // Cancel the fetcher's runs (a no-op when the shutdown token fired) and let the page under way finish.
+    shutdown.cancel();
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    if tokio::time::timeout(grace, fetcher.drain()).await.is_err() {
+        warn!(?grace, "sync did not stop within the grace period");
+    }
+    server_stop.cancel();
+    let served = match server_result {
+        Some(result) => flatten_server(result),
+        None => join_server(server).await,
+    };
+    if let Err(error) = resources
+        .amqp
+        .close(200, "fetcher shutting down".into())
+        .await
+    {
+        warn!(%error, "failed to close the rabbitmq connection");
+    }
+    resources.pool.close().await;
+    served
+}
+
+async fn join_server(
+    server: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+) -> Result<()> {
+    flatten_server(server.await)
+}
+
+fn flatten_server(
+    result: std::result::Result<
+        std::result::Result<(), tonic::transport::Error>,
+        tokio::task::JoinError,
+    >,
+) -> Result<()> {
+    match result {
+        Ok(served) => Ok(served?),
+        Err(join_error) => {
+            warn!(%join_error, "grpc server task ended abnormally");
+            Ok(())
+        }
+    }
+}
+
+/// The AMQP topology from the configuration.
+pub fn topology(config: &Config) -> Topology {
+    Topology::new(
+        &config.exchange,
+        &config.queue_prefix,
+        config.persons_partitions,
+    )
+}
+
+/// The sync settings from the configuration.
+pub fn settings(config: &Config) -> SyncSettings {
+    SyncSettings {
+        audiences: config
+            .audiences
+            .iter()
+            .map(|audience| audience.trim().to_owned())
+            .collect(),
+        page_size: config.page_size,
+        overlap: Duration::from_secs(config.sync_overlap_secs),
+        concurrency: config.mailchimp_max_connections,
+        interval: config.sync_interval(),
+    }
+}
+
+/// The Mailchimp client from the configuration.
+pub fn mailchimp_client(config: &Config) -> Result<MailchimpClient> {
+    let mut mailchimp = MailchimpConfig::new(config.mailchimp_api_key.expose_secret());
+    mailchimp.base_url.clone_from(&config.mailchimp_url);
+    mailchimp.max_connections = config.mailchimp_max_connections;
+    Ok(MailchimpClient::new(mailchimp)?)
+}
+
+struct Resources {
+    pool: PgPool,
+    amqp: Arc<lapin::Connection>,
+    client: MailchimpClient,
+}
+
+/// Connects to every dependency, retrying with backoff: in a cluster they may start after us.
+async fn connect_with_retry(config: &Config) -> Result<Resources> {
+    // A malformed key is a configuration error; retrying cannot fix it.
+    let client = mailchimp_client(config)?;
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match connect_once(config, &client).await {
+            Ok((pool, amqp)) => return Ok(Resources { pool, amqp, client }),
+            Err(error) => {
+                warn!(error = %error.chain(), retry_in = ?delay, "dependencies not ready");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(15));
+            }
+        }
+    }
+}
+
+async fn connect_once(
+    config: &Config,
+    client: &MailchimpClient,
+) -> Result<(PgPool, Arc<lapin::Connection>)> {
+    let max_connections = u32::try_from(config.mailchimp_max_connections)
+        .unwrap_or(u32::MAX)
+        .saturating_add(4);
+    let pool = store::connect(
+        config.database_url.expose_secret(),
+        &config.fetcher_schema(),
+        max_connections,
+    )
+    .await?;
+    let amqp = optout_amqp::connect(config.amqp_url.expose_secret()).await?;
+    let channel = amqp
+        .create_channel()
+        .await
+        .map_err(|source| optout_amqp::Error::Amqp {
+            operation: "channel.open",
+            target: "topology".to_owned(),
+            source,
+        })?;
+    optout_amqp::declare(&channel, &topology(config)).await?;
+    if let Err(error) = channel.close(200, "topology declared".into()).await {
+        warn!(%error, "failed to close the topology channel");
+    }
+    let audiences = client.lists().await?;
+    info!(audiences = audiences.len(), "mailchimp reachable");
+    Ok((pool, Arc::new(amqp)))
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(ADMIN_SERVICE, status).await;
+}
+
+/// Keeps the health status in line with PostgreSQL and RabbitMQ after start-up.
+async fn monitor_health(
+    health: HealthReporter,
+    pool: PgPool,
+    amqp: Arc<lapin::Connection>,
+    stop: CancellationToken,
+) {
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            () = stop.cancelled() => return,
+        }
+        let database_ok = sqlx::query("SELECT 1").execute(&pool).await.is_ok();
+        let amqp_ok = amqp.status().connected();
+        let healthy = database_ok && amqp_ok;
+        if healthy != serving {
+            if healthy {
+                info!("dependencies healthy again");
+            } else {
+                warn!(
+                    database_ok,
+                    amqp_ok, "dependency check failed; reporting NOT_SERVING"
+                );
+            }
+            serving = healthy;
+            let status = if healthy {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            set_health(&health, status).await;
+        }
+    }
+}
