@@ -48,6 +48,20 @@ pub struct SandboxConfig {
     pub listen_salesforce: SocketAddr,
     /// Faults injected from the start.
     pub faults: FaultSettings,
+    /// Fixed credentials and names; random or local ones where unset.
+    pub identity: SandboxIdentity,
+}
+
+/// Credentials and names fixed in advance, so that containers configured before the sandbox
+/// starts (docker-compose, Kubernetes) agree with it. Tests leave them unset: random is safer.
+#[derive(Clone, Debug, Default)]
+pub struct SandboxIdentity {
+    /// Mailchimp API key (`<hex>-<dc>`).
+    pub mailchimp_api_key: Option<String>,
+    /// Host name in the URLs the sandbox reports and in its certificate (`sandbox` in compose).
+    pub public_host: Option<String>,
+    /// The Salesforce half's identity.
+    pub salesforce: salesforce::EndpointOptions,
 }
 
 impl Default for SandboxConfig {
@@ -60,6 +74,7 @@ impl Default for SandboxConfig {
             listen_mailchimp: SocketAddr::from(([127, 0, 0, 1], 0)),
             listen_salesforce: SocketAddr::from(([127, 0, 0, 1], 0)),
             faults: FaultSettings::default(),
+            identity: SandboxIdentity::default(),
         }
     }
 }
@@ -179,16 +194,21 @@ impl Sandbox {
             path: state_dir.clone(),
             source,
         })?;
-        let endpoint = salesforce::start(
+        let mut endpoint_options = config.identity.salesforce.clone();
+        endpoint_options.public_host = config.identity.public_host.clone();
+        let endpoint = salesforce::start_with_options(
             org.clone(),
             shared.clone(),
             config.listen_salesforce,
             &state_dir,
+            &endpoint_options,
             shutdown.child_token(),
         )
         .await?;
 
-        let api_key = format!("{:016x}{:016x}-us1", fastrand::u64(..), fastrand::u64(..));
+        let api_key = config.identity.mailchimp_api_key.clone().unwrap_or_else(|| {
+            format!("{:016x}{:016x}-us1", fastrand::u64(..), fastrand::u64(..))
+        });
         let hub = Arc::new(WebhookHub::new(shutdown.child_token()));
         let state = McState::new(account, hub, shared.clone(), api_key.clone());
         let app = mailchimp::api::router(state.clone())
@@ -204,7 +224,10 @@ impl Sandbox {
             }
         });
 
-        let base = format!("http://{mailchimp_address}");
+        let base = match &config.identity.public_host {
+            Some(host) => format!("http://{host}:{}", mailchimp_address.port()),
+            None => format!("http://{mailchimp_address}"),
+        };
         let info = SandboxInfo {
             mailchimp_url: format!("{base}/3.0"),
             mailchimp_api_key: api_key,

@@ -3,11 +3,13 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
 use optout_sandbox::shared::{ApiFaults, FaultSettings};
-use optout_sandbox::{Sandbox, SandboxConfig, SandboxInfo};
+use optout_sandbox::salesforce::EndpointOptions;
+use optout_sandbox::{Sandbox, SandboxConfig, SandboxIdentity, SandboxInfo};
 
 /// In-memory Mailchimp and Salesforce emulators with seeded data.
 #[derive(Debug, Parser)]
@@ -67,6 +69,24 @@ struct Args {
     /// Share of records in Salesforce writes that fail with UNABLE_TO_LOCK_ROW.
     #[arg(long, default_value_t = 0.0)]
     unable_to_lock_row_rate: f64,
+    /// Fixed Mailchimp API key (random when unset); the services read the same variable.
+    #[arg(long, env = "OPTOUT_MAILCHIMP_API_KEY", hide_env_values = true)]
+    mailchimp_api_key: Option<String>,
+    /// Fixed OAuth client id of the Salesforce connected app (random when unset).
+    #[arg(long, env = "OPTOUT_SALESFORCE_CLIENT_ID")]
+    salesforce_client_id: Option<String>,
+    /// Fixed OAuth client secret of the Salesforce connected app (random when unset).
+    #[arg(long, env = "OPTOUT_SALESFORCE_CLIENT_SECRET", hide_env_values = true)]
+    salesforce_client_secret: Option<String>,
+    /// Host name that clients use to reach the sandbox, for its URLs and TLS certificate.
+    #[arg(long)]
+    public_host: Option<String>,
+    /// CA certificate (PEM) signing the Salesforce TLS certificate; created when absent.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// CA private key (PEM); created with --ca-cert when absent.
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
 }
 
 impl Args {
@@ -95,6 +115,17 @@ impl Args {
                 },
                 unable_to_lock_row_rate: self.unable_to_lock_row_rate,
                 mailchimp_max_connections: Some(self.mailchimp_max_connections),
+            },
+            identity: SandboxIdentity {
+                mailchimp_api_key: self.mailchimp_api_key.clone(),
+                public_host: self.public_host.clone(),
+                salesforce: EndpointOptions {
+                    client_id: self.salesforce_client_id.clone(),
+                    client_secret: self.salesforce_client_secret.clone(),
+                    public_host: None,
+                    ca_cert: self.ca_cert.clone(),
+                    ca_key: self.ca_key.clone(),
+                },
             },
         }
     }

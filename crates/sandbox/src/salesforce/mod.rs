@@ -386,28 +386,70 @@ pub async fn start(
     state_dir: &Path,
     shutdown: CancellationToken,
 ) -> Result<SalesforceEndpoint, SalesforceError> {
+    start_with_options(org, shared, listen, state_dir, &EndpointOptions::default(), shutdown).await
+}
+
+/// Fixed identity of the emulated org, for deployments where the services' configuration is
+/// written before the sandbox starts (docker-compose, Kubernetes). Unset parts are random.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointOptions {
+    /// OAuth client id of the connected app.
+    pub client_id: Option<String>,
+    /// OAuth client secret of the connected app.
+    pub client_secret: Option<String>,
+    /// Host name clients use (`sandbox` in compose): goes into URLs and the certificate.
+    pub public_host: Option<String>,
+    /// CA certificate (PEM) to sign with; made and written there, with `ca_key`, when absent.
+    pub ca_cert: Option<PathBuf>,
+    /// CA private key (PEM).
+    pub ca_key: Option<PathBuf>,
+}
+
+/// [`start`] with a fixed identity.
+pub async fn start_with_options(
+    org: SalesforceOrg,
+    shared: Shared,
+    listen: SocketAddr,
+    state_dir: &Path,
+    options: &EndpointOptions,
+    shutdown: CancellationToken,
+) -> Result<SalesforceEndpoint, SalesforceError> {
     // Another part of the process may have installed it already; either way one is in place.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     std::fs::create_dir_all(state_dir)?;
-    let keys = tls::make_keys()?;
-    let ca_file = state_dir.join("salesforce-ca.pem");
-    std::fs::write(&ca_file, &keys.ca_pem)?;
+    let ca_files = match (&options.ca_cert, &options.ca_key) {
+        (Some(cert), Some(key)) => Some(tls::CaFiles { cert, key }),
+        _ => None,
+    };
+    let keys = tls::make_keys(ca_files, options.public_host.as_deref())?;
+    let ca_file = match &options.ca_cert {
+        Some(cert) => cert.clone(),
+        None => {
+            let file = state_dir.join("salesforce-ca.pem");
+            std::fs::write(&file, &keys.ca_pem)?;
+            file
+        }
+    };
     let jwt_private_key_file = state_dir.join("salesforce-jwt-key.pem");
     std::fs::write(&jwt_private_key_file, &keys.jwt_private_pem)?;
 
     let listener = std::net::TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
     let address = listener.local_addr()?;
-    let host = if address.ip().is_unspecified() {
-        "127.0.0.1".to_owned()
-    } else {
-        address.ip().to_string()
+    let host = match &options.public_host {
+        Some(host) => host.clone(),
+        None if address.ip().is_unspecified() => "127.0.0.1".to_owned(),
+        None => address.ip().to_string(),
     };
     let base_url = format!("https://{host}:{}", address.port());
 
-    let client_id = format!("3MVG9{}", ids::random_alphanumeric(80));
-    let client_secret =
-        hex::encode((0..32).map(|_| fastrand::u8(..)).collect::<Vec<u8>>()).to_uppercase();
+    let client_id = options
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("3MVG9{}", ids::random_alphanumeric(80)));
+    let client_secret = options.client_secret.clone().unwrap_or_else(|| {
+        hex::encode((0..32).map(|_| fastrand::u8(..)).collect::<Vec<u8>>()).to_uppercase()
+    });
     let jwt_username = "integration@optout-sandbox.example".to_owned();
     let decoding_key = jsonwebtoken::DecodingKey::from_rsa_pem(keys.jwt_public_pem.as_bytes())
         .map_err(|error| SalesforceError::Keys(error.to_string()))?;
