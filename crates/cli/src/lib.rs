@@ -1,1 +1,12 @@
-//! Placeholder until this crate is written.
+//! `optoutctl`, the operator's command line, as a library: the e2e tests reuse its admin
+//! clients, its sync-and-wait logic and its child-process supervision.
+
+pub mod admin;
+pub mod children;
+pub mod cli;
+mod error;
+pub mod status;
+pub mod sync;
+pub mod up;
+
+pub use error::{Error, Result};
