@@ -206,9 +206,11 @@ impl Sandbox {
         )
         .await?;
 
-        let api_key = config.identity.mailchimp_api_key.clone().unwrap_or_else(|| {
-            format!("{:016x}{:016x}-us1", fastrand::u64(..), fastrand::u64(..))
-        });
+        let api_key = config
+            .identity
+            .mailchimp_api_key
+            .clone()
+            .unwrap_or_else(|| format!("{:016x}{:016x}-us1", fastrand::u64(..), fastrand::u64(..)));
         let hub = Arc::new(WebhookHub::new(shutdown.child_token()));
         let state = McState::new(account, hub, shared.clone(), api_key.clone());
         let app = mailchimp::api::router(state.clone())

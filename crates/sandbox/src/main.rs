@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use optout_sandbox::shared::{ApiFaults, FaultSettings};
 use optout_sandbox::salesforce::EndpointOptions;
+use optout_sandbox::shared::{ApiFaults, FaultSettings};
 use optout_sandbox::{Sandbox, SandboxConfig, SandboxIdentity, SandboxInfo};
 
 /// In-memory Mailchimp and Salesforce emulators with seeded data.

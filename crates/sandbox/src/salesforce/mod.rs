@@ -386,7 +386,15 @@ pub async fn start(
     state_dir: &Path,
     shutdown: CancellationToken,
 ) -> Result<SalesforceEndpoint, SalesforceError> {
-    start_with_options(org, shared, listen, state_dir, &EndpointOptions::default(), shutdown).await
+    start_with_options(
+        org,
+        shared,
+        listen,
+        state_dir,
+        &EndpointOptions::default(),
+        shutdown,
+    )
+    .await
 }
 
 /// Fixed identity of the emulated org, for deployments where the services' configuration is
