@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "optout/queue/v1/messages.proto",
         "optout/evaluator/v1/evaluator.proto",
         "optout/admin/v1/admin.proto",
+        "optout/writer/v1/writer.proto",
+        "optout/memberships/v1/memberships.proto",
     ];
     // compile_fds() emits no rerun-if-changed lines of its own.
     println!("cargo:rerun-if-changed={}", proto_dir.display());

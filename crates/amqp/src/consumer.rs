@@ -21,11 +21,11 @@ use lapin::{
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, warn};
 
 use crate::{
-    Error, FIRST_FAILURE_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER, Result, Topology,
-    headers, publisher::publish_confirmed,
+    ConsumerMetrics, Error, FIRST_FAILURE_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER,
+    Result, Topology, headers, observe, publisher::publish_confirmed,
 };
 
 /// Header naming the queue a message was dead-lettered from.
@@ -83,11 +83,41 @@ enum SessionEnd {
 /// [`Outcome`] (the handler returns one per message, in order). Undecodable bodies go to the DLQ with reason
 /// `undecodable protobuf: ...` without reaching the handler. While `paused` is true it takes no deliveries.
 /// On shutdown it stops taking deliveries, finishes the batch in hand and returns `Ok(())`.
+///
+/// Each batch is handled inside a `process {queue}` consumer span that continues the publishers' traces
+/// (see [`crate::observe`]).
 pub async fn consume<M, F, Fut>(
     connection: &Connection,
     topology: &Topology,
     queue: &str,
     options: ConsumeOptions,
+    shutdown: CancellationToken,
+    handler: F,
+) -> Result<()>
+where
+    M: prost::Message + Default + Send + 'static,
+    F: FnMut(Vec<Message<M>>) -> Fut + Send,
+    Fut: Future<Output = Vec<Outcome>> + Send,
+{
+    consume_with_metrics(
+        connection,
+        topology,
+        queue,
+        options,
+        ConsumerMetrics::default(),
+        shutdown,
+        handler,
+    )
+    .await
+}
+
+/// [`consume`], counting outcomes, dead letters and queue lag in `metrics`.
+pub async fn consume_with_metrics<M, F, Fut>(
+    connection: &Connection,
+    topology: &Topology,
+    queue: &str,
+    options: ConsumeOptions,
+    metrics: ConsumerMetrics,
     shutdown: CancellationToken,
     mut handler: F,
 ) -> Result<()>
@@ -109,6 +139,7 @@ where
         dead_letter_queue: topology.dead_letter_queue(queue),
         dead_letter_channel,
         in_flight: options.in_flight.clone(),
+        metrics,
     };
     let mut paused = options.paused.clone();
     loop {
@@ -296,6 +327,7 @@ struct Worker<'a> {
     dead_letter_queue: String,
     dead_letter_channel: Channel,
     in_flight: Arc<AtomicU64>,
+    metrics: ConsumerMetrics,
 }
 
 impl Worker<'_> {
@@ -338,7 +370,29 @@ impl Worker<'_> {
         if decoded.is_empty() {
             return Ok(());
         }
+        let span =
+            observe::process_span(self.queue, decoded.iter().map(|message| &message.headers));
+        self.settle(decoded, deliveries, handler, shutdown)
+            .instrument(span)
+            .await
+    }
 
+    /// Runs the handler on the decoded batch and settles each delivery by its outcome.
+    async fn settle<M, F, Fut>(
+        &self,
+        decoded: Vec<Message<M>>,
+        deliveries: Vec<Delivery>,
+        handler: &mut F,
+        shutdown: &CancellationToken,
+    ) -> Result<()>
+    where
+        M: prost::Message + Default + Send + 'static,
+        F: FnMut(Vec<Message<M>>) -> Fut + Send,
+        Fut: Future<Output = Vec<Outcome>> + Send,
+    {
+        for message in &decoded {
+            self.metrics.observe_lag(self.queue, &message.headers);
+        }
         let expected = decoded.len();
         let mut outcomes = handler(decoded).await;
         if outcomes.len() != expected {
@@ -356,6 +410,12 @@ impl Worker<'_> {
 
         let mut retries = Vec::new();
         for (delivery, outcome) in deliveries.into_iter().zip(outcomes) {
+            let name = match &outcome {
+                Outcome::Ack => "ack",
+                Outcome::DeadLetter(_) => "dead_letter",
+                Outcome::Retry(_) => "retry",
+            };
+            self.metrics.settled(self.queue, name);
             match outcome {
                 Outcome::Ack => self.ack(&delivery).await?,
                 Outcome::DeadLetter(reason) => self.dead_letter(&delivery, &reason).await?,
@@ -402,6 +462,7 @@ impl Worker<'_> {
     /// delivery is requeued instead, so a message is never dropped.
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<()> {
         warn!(queue = self.queue, reason, "dead-lettering message");
+        self.metrics.dead_lettered(self.queue);
         let properties = dead_letter_properties(
             &delivery.properties,
             self.queue,

@@ -8,10 +8,12 @@
 mod consumer;
 pub mod dead_letters;
 mod headers;
+pub mod observe;
 mod publisher;
 mod topology;
 
-pub use consumer::{ConsumeOptions, Message, Outcome, consume};
+pub use consumer::{ConsumeOptions, Message, Outcome, consume, consume_with_metrics};
+pub use observe::ConsumerMetrics;
 pub use publisher::Publisher;
 pub use topology::{
     DELIVERY_LIMIT, MEMBERS_CHANGED_ROUTING_KEY, Topology, declare, queue_depth, teardown,

@@ -6,7 +6,10 @@ use lapin::{
     types::FieldTable,
 };
 
-use crate::{CONTENT_TYPE, Error, Result, Topology, headers};
+use optout_telemetry::opentelemetry::propagation::Extractor as _;
+use tracing::Instrument as _;
+
+use crate::{CONTENT_TYPE, Error, Result, Topology, headers, observe};
 
 /// AMQP delivery mode 2: the broker writes the message to disk before confirming it.
 const PERSISTENT: u8 = 2;
@@ -43,8 +46,9 @@ impl Publisher {
 
     /// Publishes `message` on the exchange with `routing_key` and waits for the confirm.
     ///
-    /// Sets `content_type`, `type` (the proto full name), a fresh `message_id`, `timestamp` and persistent
-    /// delivery. A nack or an unroutable message is an error.
+    /// Sets `content_type`, `type` (the proto full name), a fresh `message_id`, `timestamp`, persistent
+    /// delivery, the W3C `traceparent` of a producer span (a child of the current span) and the publish
+    /// time header. A nack or an unroutable message is an error.
     pub async fn publish<M: prost::Message + prost::Name>(
         &self,
         routing_key: &str,
@@ -74,7 +78,22 @@ impl Publisher {
         message: &M,
         headers: FieldTable,
     ) -> Result<()> {
-        let properties = message_properties(type_name, headers);
+        let mut headers = headers;
+        let message_id = uuid::Uuid::new_v4().to_string();
+        let span = observe::publish_span(&self.topology.exchange, routing_key, &message_id);
+        // The consumer continues the trace of the producer span (unless the caller set a context).
+        if observe::HeaderExtractor(&headers)
+            .get("traceparent")
+            .is_none()
+        {
+            span.in_scope(|| observe::inject(&mut headers));
+        }
+        headers::insert_integer(
+            &mut headers,
+            observe::PUBLISHED_AT_HEADER,
+            headers::now_unix_ms(),
+        );
+        let properties = message_properties(type_name, headers).with_message_id(message_id.into());
         publish_confirmed(
             &self.channel,
             &self.topology.exchange,
@@ -82,6 +101,7 @@ impl Publisher {
             &message.encode_to_vec(),
             properties,
         )
+        .instrument(span)
         .await
     }
 }

@@ -477,3 +477,81 @@ async fn single_active_consumer_gives_a_partition_to_one_consumer_at_a_time() ->
     standby_running.stop().await?;
     broker.teardown().await
 }
+
+#[tokio::test]
+async fn consumer_span_continues_the_trace_of_the_publisher_and_is_counted() -> anyhow::Result<()> {
+    use tracing::Instrument as _;
+
+    let _telemetry = optout_telemetry::init("amqp-test");
+    let broker = Broker::start().await?;
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    let sync_run = tracing::info_span!("sync run");
+    let published_trace = async {
+        publisher
+            .publish("members.changed", &ping("traced"))
+            .await?;
+        anyhow::Ok(optout_telemetry::current_trace_id())
+    }
+    .instrument(sync_run)
+    .await?
+    .context("the publishing span has a trace id")?;
+
+    let metrics = optout_amqp::ConsumerMetrics::default();
+    let mut registry = optout_telemetry::metrics::Registry::default();
+    metrics.register(&mut registry);
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let (_paused, paused_receiver) = watch::channel(false);
+    let options = ConsumeOptions {
+        prefetch: 10,
+        max_batch: 5,
+        max_wait: Duration::from_millis(50),
+        paused: paused_receiver,
+        in_flight: Arc::new(AtomicU64::new(0)),
+    };
+    let connection = broker.connection.clone();
+    let topology = broker.topology.clone();
+    let queue = topology.members_changed_queue();
+    let token = shutdown.clone();
+    let consumer_metrics = metrics.clone();
+    let task = tokio::spawn(async move {
+        optout_amqp::consume_with_metrics(
+            &connection,
+            &topology,
+            &queue,
+            options,
+            consumer_metrics,
+            token,
+            move |batch: Vec<Message<Ping>>| {
+                let _ = sender.send((batch.len(), optout_telemetry::current_trace_id()));
+                async move { vec![Outcome::Ack; batch.len()] }
+            },
+        )
+        .await
+    });
+    let (count, consumer_trace) = tokio::time::timeout(DEADLINE, receiver.recv())
+        .await
+        .context("timed out waiting for the message")?
+        .context("consumer stopped")?;
+    assert_eq!(count, 1);
+    assert_eq!(consumer_trace.as_deref(), Some(published_trace.as_str()));
+    shutdown.cancel();
+    task.await??;
+
+    let mut text = String::new();
+    optout_telemetry::metrics::prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    let queue = broker.topology.members_changed_queue();
+    let acked = optout_telemetry::metrics::sample(
+        &text,
+        "optout_messages_settled_total",
+        &[("queue", queue.as_str()), ("outcome", "ack")],
+    );
+    assert_eq!(acked, Some(1.0), "{text}");
+    let lag = optout_telemetry::metrics::sample(
+        &text,
+        "optout_queue_lag_seconds_count",
+        &[("queue", queue.as_str())],
+    );
+    assert_eq!(lag, Some(1.0), "{text}");
+    broker.teardown().await
+}

@@ -5,10 +5,15 @@ use std::{fmt, time::Duration};
 
 use optout_proto::{
     admin::v1::{
-        GetStatusRequest, GetStatusResponse, PauseRequest, ResumeRequest, TriggerSyncRequest,
+        DeadLetter, GetStatusRequest, GetStatusResponse, ListDeadLettersRequest, PauseRequest,
+        PurgeDeadLettersRequest, ReplayDeadLettersRequest, ResumeRequest, TriggerSyncRequest,
         TriggerSyncResponse, admin_client::AdminClient,
     },
     evaluator::v1::{ExplainRequest, ExplainResponse, decisions_client::DecisionsClient},
+    writer::v1::{
+        AuditEntry, AuditTrailRequest, RecordsForRequest, SalesforceRecord,
+        records_client::RecordsClient,
+    },
 };
 use secrecy::{ExposeSecret, SecretString};
 use tonic::{
@@ -107,6 +112,9 @@ pub type AuthedAdminClient = AdminClient<InterceptedService<Channel, BearerAuth>
 /// The `Decisions` client type with the token attached.
 pub type AuthedDecisionsClient = DecisionsClient<InterceptedService<Channel, BearerAuth>>;
 
+/// The writer's `Records` client type with the token attached.
+pub type AuthedRecordsClient = RecordsClient<InterceptedService<Channel, BearerAuth>>;
+
 /// One connected service process.
 #[derive(Clone, Debug)]
 pub struct ServiceHandle {
@@ -174,6 +182,34 @@ impl ServiceHandle {
         DecisionsClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
+    /// A `Records` client on this process (the writer serves it).
+    pub fn records(&self) -> AuthedRecordsClient {
+        RecordsClient::with_interceptor(self.channel.clone(), self.auth.clone())
+    }
+
+    /// `Records.RecordsFor`: what Salesforce holds for `email` now.
+    pub async fn records_for(&self, email: &str) -> Result<Vec<SalesforceRecord>> {
+        self.records()
+            .records_for(RecordsForRequest {
+                email: email.to_owned(),
+            })
+            .await
+            .map(|response| response.into_inner().records)
+            .map_err(|status| Error::from_status(&self.name, "RecordsFor", &status))
+    }
+
+    /// `Records.AuditTrail`: the writer's writes for `email`, oldest first (`limit` 0: default).
+    pub async fn audit_trail(&self, email: &str, limit: u32) -> Result<Vec<AuditEntry>> {
+        self.records()
+            .audit_trail(AuditTrailRequest {
+                email: email.to_owned(),
+                limit,
+            })
+            .await
+            .map(|response| response.into_inner().entries)
+            .map_err(|status| Error::from_status(&self.name, "AuditTrail", &status))
+    }
+
     /// `Admin.GetStatus`.
     pub async fn get_status(&self) -> Result<GetStatusResponse> {
         self.admin()
@@ -233,6 +269,34 @@ impl ServiceHandle {
             .await
             .map(|response| response.into_inner().paused)
             .map_err(|status| Error::from_status(&self.name, "Resume", &status))
+    }
+
+    /// `Admin.ListDeadLetters`: at most `limit` dead letters (0 lets the service choose).
+    pub async fn list_dead_letters(&self, limit: u32) -> Result<Vec<DeadLetter>> {
+        self.admin()
+            .list_dead_letters(ListDeadLettersRequest { limit })
+            .await
+            .map(|response| response.into_inner().dead_letters)
+            .map_err(|status| Error::from_status(&self.name, "ListDeadLetters", &status))
+    }
+
+    /// `Admin.ReplayDeadLetters`: the given message ids, or every dead letter when `all`;
+    /// returns how many went back to their queue.
+    pub async fn replay_dead_letters(&self, message_ids: Vec<String>, all: bool) -> Result<u32> {
+        self.admin()
+            .replay_dead_letters(ReplayDeadLettersRequest { message_ids, all })
+            .await
+            .map(|response| response.into_inner().replayed)
+            .map_err(|status| Error::from_status(&self.name, "ReplayDeadLetters", &status))
+    }
+
+    /// `Admin.PurgeDeadLetters`: drops every dead letter; returns how many.
+    pub async fn purge_dead_letters(&self) -> Result<u32> {
+        self.admin()
+            .purge_dead_letters(PurgeDeadLettersRequest {})
+            .await
+            .map(|response| response.into_inner().purged)
+            .map_err(|status| Error::from_status(&self.name, "PurgeDeadLetters", &status))
     }
 
     /// `Decisions.Explain`.

@@ -9,7 +9,7 @@ use secrecy::SecretString;
 use crate::{
     Error, Result,
     admin::{Fleet, FleetEndpoints, Role, ServiceHandle},
-    status,
+    dlq, explain, health, status,
     sync::{SyncOptions, sync},
     up::{SandboxOptions, UpOptions, run_up},
 };
@@ -131,7 +131,38 @@ pub enum Command {
         /// The service.
         service: String,
     },
-    /// Why the evaluator decides what it decides for an email.
+    /// List, replay or purge the evaluator's and writer's dead letters.
+    Dlq {
+        /// list, replay or purge.
+        #[arg(value_enum)]
+        action: DlqActionArg,
+        /// Only this service: evaluator or writer (default both).
+        #[arg(long)]
+        service: Option<String>,
+        /// Message id to replay (repeatable).
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<String>,
+        /// Replay or purge every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// Most dead letters listed per service (0: the service's default).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check one service's gRPC health (exit 0 only when SERVING); needs no token.
+    Health {
+        /// The service's gRPC address, e.g. http://127.0.0.1:50051.
+        #[arg(long)]
+        addr: String,
+        /// Seconds the check may take.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
+    /// Why the evaluator decides what it decides for an email, and what Salesforce holds and the
+    /// writer wrote for it (when a writer address is given).
     Explain {
         /// The email address.
         email: String,
@@ -139,6 +170,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The `dlq` actions as typed.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum DlqActionArg {
+    /// Show the dead letters.
+    List,
+    /// Put dead letters back on their queue.
+    Replay,
+    /// Drop every dead letter.
+    Purge,
+}
+
+impl From<DlqActionArg> for dlq::DlqAction {
+    fn from(action: DlqActionArg) -> Self {
+        match action {
+            DlqActionArg::List => Self::List,
+            DlqActionArg::Replay => Self::Replay,
+            DlqActionArg::Purge => Self::Purge,
+        }
+    }
 }
 
 /// Runs one parsed command line.
@@ -219,6 +271,25 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
         }
+        Command::Dlq {
+            action,
+            service,
+            ids,
+            all,
+            limit,
+            json,
+        } => {
+            let request = dlq::DlqRequest::new(action.into(), service.as_deref(), ids, all, limit)?;
+            let results = dlq::run(&endpoints, cli.connection.token()?, &request).await?;
+            if json {
+                println!("{}", to_json(&results)?);
+            } else {
+                print!("{}", dlq::render(&results));
+            }
+        }
+        Command::Health { addr, timeout } => {
+            health::check(&addr, Duration::from_secs(timeout)).await?;
+        }
         Command::Explain { email, json } => {
             let Some(endpoint) = endpoints.evaluator.first() else {
                 return Err(Error::MissingEndpoint {
@@ -227,18 +298,21 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                     env: "OPTOUT_EVALUATOR_ADDR",
                 });
             };
-            let handle = ServiceHandle::connect(
-                "rule-evaluator",
-                Role::Evaluator,
-                endpoint,
-                cli.connection.token()?,
-            )
-            .await?;
-            let explanation = handle.explain(&email).await?;
+            let token = cli.connection.token()?;
+            let evaluator =
+                ServiceHandle::connect("rule-evaluator", Role::Evaluator, endpoint, token).await?;
+            let writer = match endpoints.writer.first() {
+                Some(address) => Some(
+                    ServiceHandle::connect("salesforce-writer", Role::Writer, address, token)
+                        .await?,
+                ),
+                None => None,
+            };
+            let report = explain::collect(&email, &evaluator, writer.as_ref()).await?;
             if json {
-                println!("{}", to_json(&explain_json(&explanation))?);
+                println!("{}", to_json(&explain::to_json(&report))?);
             } else {
-                print!("{}", render_explain(&email, &explanation));
+                print!("{}", explain::render(&report));
             }
         }
     }
@@ -287,7 +361,7 @@ fn decision_name(decision: i32) -> &'static str {
     }
 }
 
-fn timestamp(value: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn timestamp(value: Option<&prost_types::Timestamp>) -> String {
     value
         .and_then(|stamp| {
             chrono::DateTime::from_timestamp(stamp.seconds, u32::try_from(stamp.nanos).unwrap_or(0))
@@ -361,7 +435,7 @@ pub fn render_explain(email: &str, explanation: &ExplainResponse) -> String {
     out
 }
 
-fn explain_json(explanation: &ExplainResponse) -> serde_json::Value {
+pub(crate) fn explain_json(explanation: &ExplainResponse) -> serde_json::Value {
     let decision = explanation.decision.as_ref().map(|decision| {
         serde_json::json!({
             "email": decision.email,

@@ -65,6 +65,17 @@ pub enum Error {
         /// gRPC status message.
         message: String,
     },
+    /// The command line is inconsistent.
+    #[error("{0}")]
+    Usage(String),
+    /// A health check did not say SERVING.
+    #[error("{endpoint} is not healthy: {reason}")]
+    NotHealthy {
+        /// The address checked.
+        endpoint: String,
+        /// What it said instead, or why it said nothing (one line).
+        reason: String,
+    },
     /// An unknown service name on the command line.
     #[error("unknown service {0:?}: expected fetcher, rule-evaluator, salesforce-writer or all")]
     UnknownService(String),

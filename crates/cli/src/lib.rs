@@ -4,7 +4,10 @@
 pub mod admin;
 pub mod children;
 pub mod cli;
+pub mod dlq;
 mod error;
+pub mod explain;
+pub mod health;
 pub mod status;
 pub mod sync;
 pub mod up;

@@ -158,6 +158,31 @@ fn yes_no(value: bool) -> &'static str {
     if value { "yes" } else { "no" }
 }
 
+/// Lays rows out in left-aligned columns two spaces apart, the first row being the header.
+pub(crate) fn table<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        for (index, cell) in row.as_ref().iter().enumerate() {
+            if widths.len() <= index {
+                widths.push(0);
+            }
+            widths[index] = widths[index].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line = row
+            .as_ref()
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
 /// Renders the statuses as a plain-text table plus queue depths.
 pub fn render(views: &[ServiceStatusView]) -> String {
     let mut rows = vec![[
@@ -214,22 +239,7 @@ pub fn render(views: &[ServiceStatusView]) -> String {
             counters,
         ]);
     }
-    let mut widths = [0_usize; 7];
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let line = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        let _ = writeln!(out, "{}", line.trim_end());
-    }
+    let mut out = table(&rows);
     let mut queues: BTreeMap<&str, &QueueView> = BTreeMap::new();
     for view in views {
         for queue in &view.queues {

@@ -160,6 +160,14 @@ impl Admin for AdminService {
     ) -> Result<Response<TriggerSyncResponse>, Status> {
         let fetcher = self.fetcher()?;
         let request = request.into_inner();
+        if request.dry_run {
+            // Publishing pages would make the evaluator mark people dirty and the writer write for real, so
+            // a dry run is the writer's alone: it reports from the decisions the evaluator holds now.
+            return Ok(Response::new(TriggerSyncResponse {
+                run_id: String::new(),
+                dry_run_report: None,
+            }));
+        }
         let handle = fetcher
             .trigger(SyncRequest {
                 audience_ids: request.audience_ids,
@@ -170,6 +178,7 @@ impl Admin for AdminService {
             .map_err(|error| to_status(&error))?;
         Ok(Response::new(TriggerSyncResponse {
             run_id: handle.run_id,
+            dry_run_report: None,
         }))
     }
 

@@ -15,7 +15,14 @@ use crate::{Error, Result};
 )]
 pub struct Config {
     /// Mailchimp Marketing API key (`<key>-<dc>`).
-    #[arg(long, env = "OPTOUT_MAILCHIMP_API_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "OPTOUT_MAILCHIMP_API_KEY",
+        hide_env_values = true,
+        required = false,
+        required_unless_present = "migrate_only",
+        default_value_if("migrate_only", "true", "")
+    )]
     pub mailchimp_api_key: SecretString,
     /// Mailchimp API base URL, e.g. `http://127.0.0.1:PORT/3.0`; default derives it from the key's data center.
     #[arg(long, env = "OPTOUT_MAILCHIMP_URL")]
@@ -66,17 +73,39 @@ pub struct Config {
     /// Address of the gRPC server (health, reflection, Admin).
     #[arg(long, env = "OPTOUT_GRPC_LISTEN", default_value = "127.0.0.1:0")]
     pub grpc_listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(long, env = "OPTOUT_METRICS_LISTEN", default_value = "127.0.0.1:0")]
+    pub metrics_listen: SocketAddr,
     /// Seconds to wait at shutdown for the page under way to be published.
     #[arg(long, env = "OPTOUT_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
     /// Bearer token the Admin service requires.
-    #[arg(long, env = "OPTOUT_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "OPTOUT_ADMIN_TOKEN",
+        hide_env_values = true,
+        required = false,
+        required_unless_present = "migrate_only",
+        default_value_if("migrate_only", "true", "")
+    )]
     pub admin_token: SecretString,
+    /// Create the schema, run the migrations and exit; needs only the database settings.
+    #[arg(long)]
+    pub migrate_only: bool,
+    /// HTTP port, webhooks, Memberships API token, Salesforce for imports.
+    #[command(flatten)]
+    pub realtime: crate::realtime_config::RealtimeConfig,
+    /// Optional TLS on the gRPC port.
+    #[command(flatten)]
+    pub grpc_tls: optout_service::GrpcTls,
 }
 
 impl Config {
     /// Checks what clap cannot: ranges and the schema name that is spliced into SQL.
     pub fn validate(&self) -> Result<()> {
+        if self.migrate_only {
+            return self.validate_database();
+        }
         if !(1..=1000).contains(&self.page_size) {
             return Err(Error::Config(format!(
                 "page size must be 1..=1000, got {}",
@@ -99,6 +128,21 @@ impl Config {
                 self.database_schema
             )));
         }
+        for (setting, value, schemes) in [
+            (
+                "OPTOUT_AMQP_URL",
+                self.amqp_url.expose_secret(),
+                &["amqp", "amqps"][..],
+            ),
+            (
+                "OPTOUT_DATABASE_URL",
+                self.database_url.expose_secret(),
+                &["postgres", "postgresql"][..],
+            ),
+        ] {
+            optout_service::config::check_url(setting, value, schemes)
+                .map_err(|error| Error::Config(error.to_string()))?;
+        }
         if self.admin_token.expose_secret().trim().is_empty() {
             return Err(Error::Config("admin token must not be empty".to_owned()));
         }
@@ -109,7 +153,24 @@ impl Config {
         {
             return Err(Error::Config("audience ids must not be empty".to_owned()));
         }
+        self.realtime.validate()?;
         Ok(())
+    }
+
+    /// The checks `--migrate-only` needs: the database URL and the schema name.
+    fn validate_database(&self) -> Result<()> {
+        if !is_identifier(&self.database_schema) || self.database_schema.len() > 50 {
+            return Err(Error::Config(format!(
+                "database schema must match [a-z_][a-z0-9_]* (at most 50 characters), got {:?}",
+                self.database_schema
+            )));
+        }
+        optout_service::config::check_url(
+            "OPTOUT_DATABASE_URL",
+            self.database_url.expose_secret(),
+            &["postgres", "postgresql"],
+        )
+        .map_err(|error| Error::Config(error.to_string()))
     }
 
     /// The schema this service owns.

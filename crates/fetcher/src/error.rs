@@ -15,6 +15,12 @@ pub enum Error {
     /// A Mailchimp API call failed (after the client's own retries).
     #[error("mailchimp request failed")]
     Mailchimp(#[from] optout_mailchimp::Error),
+    /// A Salesforce call failed (imports).
+    #[error("salesforce request failed")]
+    Salesforce(#[from] optout_salesforce::Error),
+    /// The HTTP server (webhooks, Memberships API) failed.
+    #[error("http server failed")]
+    Http(#[source] std::io::Error),
     /// RabbitMQ refused a declare or a publish.
     #[error("rabbitmq error")]
     Amqp(#[from] optout_amqp::Error),

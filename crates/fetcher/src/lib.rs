@@ -8,9 +8,17 @@
 pub mod admin;
 pub mod config;
 mod error;
+pub mod form;
+pub mod http;
+pub mod import;
+pub mod memberships;
 pub mod pager;
+pub mod realtime;
+pub mod realtime_config;
+pub mod realtime_wiring;
 pub mod store;
 pub mod sync;
+pub mod webhook;
 
 use std::{io::Write, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -37,8 +45,11 @@ const ADMIN_SERVICE: &str = "optout.admin.v1.Admin";
 const HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Binds `config.grpc_listen`, announces `{"service":"fetcher","grpc":"ADDR"}` as the first stdout
-/// line and serves until `shutdown`.
+/// line and serves until `shutdown`. With `--migrate-only` it only runs [`migrate`].
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    if config.migrate_only {
+        return migrate(&config).await;
+    }
     config.validate()?;
     let listener = TcpListener::bind(config.grpc_listen)
         .await
@@ -50,15 +61,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         addr: config.grpc_listen,
         source,
     })?;
-    announce(addr)?;
-    serve(config, listener, shutdown).await
+    let http = realtime_wiring::bind_http(&config).await?;
+    let http_addr = http.local_addr().map_err(|source| Error::Bind {
+        addr: config.realtime.http_listen,
+        source,
+    })?;
+    let metrics = bind_metrics(&config).await?;
+    let metrics_addr = metrics.local_addr().map_err(|source| Error::Bind {
+        addr: config.metrics_listen,
+        source,
+    })?;
+    announce(addr, http_addr, metrics_addr)?;
+    serve_with_listeners(config, listener, http, metrics, shutdown).await
 }
 
-fn announce(addr: SocketAddr) -> Result<()> {
+async fn bind_metrics(config: &Config) -> Result<TcpListener> {
+    optout_telemetry::metrics::bind(config.metrics_listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.metrics_listen,
+            source,
+        })
+}
+
+fn announce(addr: SocketAddr, http_addr: SocketAddr, metrics_addr: SocketAddr) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(
         stdout,
-        r#"{{"service":"{}","grpc":"{addr}"}}"#,
+        r#"{{"service":"{}","grpc":"{addr}","http":"{http_addr}","metrics":"{metrics_addr}"}}"#,
         admin::SERVICE_NAME
     )
     .map_err(Error::Announce)?;
@@ -74,6 +104,30 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let http = realtime_wiring::bind_http(&config).await?;
+    serve_with_http(config, listener, http, shutdown).await
+}
+
+/// Like [`serve`], with the HTTP port (webhooks, Memberships API as JSON) on `http`.
+pub async fn serve_with_http(
+    config: Config,
+    listener: TcpListener,
+    http: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let metrics = bind_metrics(&config).await?;
+    serve_with_listeners(config, listener, http, metrics, shutdown).await
+}
+
+/// Like [`serve_with_http`], with Prometheus `/metrics` on `metrics`: members read, pages published,
+/// runs, and Mailchimp calls by endpoint and status (`optout_api_calls_total{api="mailchimp"}`).
+pub async fn serve_with_listeners(
+    config: Config,
+    listener: TcpListener,
+    http: TcpListener,
+    metrics: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
     config.validate()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -81,17 +135,38 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(optout_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // grpcurl before 1.8.8 and many other tools only speak the v1alpha reflection protocol.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(optout_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let slot = Arc::new(OnceCell::new());
     let admin = AdminServer::with_interceptor(
         AdminService::new(Arc::clone(&slot)),
         BearerAuth::new(config.admin_token.clone()),
     );
+    let realtime_slot: realtime_wiring::RealtimeSlot = Arc::new(OnceCell::new());
+    let memberships = realtime_wiring::memberships_server(&config, &realtime_slot);
+    let http_stop = CancellationToken::new();
+    let http_server = realtime_wiring::spawn_http(&config, http, &realtime_slot, http_stop.clone());
+    let mut builder = Server::builder().trace_fn(optout_telemetry::grpc::server_span);
+    if let Some(tls) = optout_service::tls::server_config(&config.grpc_tls)
+        .map_err(|error| Error::Config(format!("invalid grpc tls configuration: {error}")))?
+    {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|error| Error::Config(format!("invalid grpc tls configuration: {error}")))?;
+    }
     let server_stop = CancellationToken::new();
+    let api_calls = optout_telemetry::metrics::ApiCalls::default();
+    let metrics_server = serve_metrics(metrics, &slot, &api_calls, server_stop.clone());
     let mut server = tokio::spawn(
-        Server::builder()
+        builder
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(admin)
+            .add_service(memberships)
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener),
                 server_stop.clone().cancelled_owned(),
@@ -99,13 +174,22 @@ pub async fn serve(
     );
 
     let connected = tokio::select! {
-        connected = connect_with_retry(&config) => Some(connected?),
+        connected = connect_with_retry(&config, &api_calls) => Some(connected?),
         () = shutdown.cancelled() => None,
     };
     let Some(resources) = connected else {
         server_stop.cancel();
+        realtime_wiring::stop_http(http_stop, http_server).await;
         return join_server(server).await;
     };
+    realtime_wiring::start(
+        &config,
+        &realtime_slot,
+        resources.client.clone(),
+        resources.pool.clone(),
+        Arc::clone(&resources.amqp),
+        shutdown.child_token(),
+    )?;
     let topology = topology(&config);
     let fetcher = Fetcher::new(
         resources.pool.clone(),
@@ -141,6 +225,10 @@ pub async fn serve(
         warn!(?grace, "sync did not stop within the grace period");
     }
     server_stop.cancel();
+    realtime_wiring::stop_http(http_stop, http_server).await;
+    if let Ok(Err(error)) = metrics_server.await {
+        warn!(%error, "metrics server failed");
+    }
     let served = match server_result {
         Some(result) => flatten_server(result),
         None => join_server(server).await,
@@ -175,6 +263,38 @@ fn flatten_server(
             Ok(())
         }
     }
+}
+
+/// Serves `/metrics` until `stop`: the fetcher's cumulative counters (read at each scrape) and the
+/// Mailchimp calls.
+fn serve_metrics(
+    listener: TcpListener,
+    slot: &Arc<OnceCell<Fetcher>>,
+    api_calls: &optout_telemetry::metrics::ApiCalls,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let mut registry = optout_telemetry::metrics::Registry::default();
+    api_calls.register(&mut registry);
+    let slot = Arc::clone(slot);
+    let counters = optout_telemetry::metrics::SnapshotCounters::new(Arc::new(move || {
+        let Some(fetcher) = slot.get() else {
+            return Vec::new();
+        };
+        fetcher
+            .counters()
+            .snapshot()
+            .into_iter()
+            .map(|(name, value)| {
+                (
+                    format!("optout_{name}"),
+                    format!("fetcher {}", name.replace('_', " ")),
+                    u64::try_from(value).unwrap_or(0),
+                )
+            })
+            .collect()
+    }));
+    registry.register_collector(Box::new(counters));
+    optout_telemetry::metrics::serve(listener, Arc::new(registry), None, stop)
 }
 
 /// The AMQP topology from the configuration.
@@ -216,9 +336,12 @@ struct Resources {
 }
 
 /// Connects to every dependency, retrying with backoff: in a cluster they may start after us.
-async fn connect_with_retry(config: &Config) -> Result<Resources> {
+async fn connect_with_retry(
+    config: &Config,
+    api_calls: &optout_telemetry::metrics::ApiCalls,
+) -> Result<Resources> {
     // A malformed key is a configuration error; retrying cannot fix it.
-    let client = mailchimp_client(config)?;
+    let client = mailchimp_client(config)?.with_api_calls(api_calls.clone());
     let mut delay = Duration::from_millis(500);
     loop {
         match connect_once(config, &client).await {
@@ -230,6 +353,18 @@ async fn connect_with_retry(config: &Config) -> Result<Resources> {
             }
         }
     }
+}
+
+/// Creates the fetcher's schema and runs its migrations, then closes the pool (`--migrate-only`).
+pub async fn migrate(config: &Config) -> Result<()> {
+    let pool = store::connect(
+        config.database_url.expose_secret(),
+        &config.fetcher_schema(),
+        1,
+    )
+    .await?;
+    pool.close().await;
+    Ok(())
 }
 
 async fn connect_once(

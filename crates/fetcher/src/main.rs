@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use optout_fetcher::Config;
 use tokio_util::sync::CancellationToken;
 
@@ -11,18 +10,10 @@ const EXIT_BAD_CONFIG: u8 = 2;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match Config::try_parse() {
+    // Defaults, then `--config FILE`, then OPTOUT_* (and OPTOUT_*_FILE), then flags.
+    let config: Config = match optout_service::config::load() {
         Ok(config) => config,
-        Err(error) => {
-            // Help and version requests are not errors.
-            let code = if error.use_stderr() {
-                EXIT_BAD_CONFIG
-            } else {
-                0
-            };
-            let _ = error.print();
-            return ExitCode::from(code);
-        }
+        Err(error) => return error.report("optout-fetcher"),
     };
     if let Err(error) = config.validate() {
         eprintln!("optout-fetcher: {}", error.chain());
@@ -30,7 +21,11 @@ async fn main() -> ExitCode {
     }
     let telemetry = optout_telemetry::init("fetcher");
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    optout_service::signal::spawn_watcher(
+        "optout-fetcher",
+        shutdown.clone(),
+        std::time::Duration::from_secs(config.shutdown_grace_secs + 5),
+    );
     let result = optout_fetcher::run(config, shutdown).await;
     telemetry.shutdown();
     match result {
@@ -40,30 +35,5 @@ async fn main() -> ExitCode {
             eprintln!("optout-fetcher: {}", error.chain());
             ExitCode::FAILURE
         }
-    }
-}
-
-/// SIGTERM (what Kubernetes sends) or SIGINT starts a graceful shutdown; a second signal exits at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    let name = wait_for_signal().await;
-    tracing::info!(signal = name, "shutting down");
-    shutdown.cancel();
-    let name = wait_for_signal().await;
-    tracing::warn!(signal = name, "second signal, exiting now");
-    std::process::exit(130);
-}
-
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process can still be killed; never shut down on our own.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
     }
 }

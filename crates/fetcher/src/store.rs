@@ -214,7 +214,9 @@ pub async fn run(pool: &PgPool, run_id: &str) -> Result<Option<RunRow>> {
 }
 
 /// A session advisory lock on one audience, held on a dedicated pooled connection for as long as
-/// the audience is paged. If it is dropped without [`AudienceLease::release`] (an error path, a
+/// the audience is paged. Advisory locks are database-wide, so the key carries the schema
+/// (`current_schema()`, set by the pool's search path): replicas of one deployment share it, while
+/// deployments or test stacks in other schemas never block each other. If it is dropped without [`AudienceLease::release`] (an error path, a
 /// cancelled task), the connection is closed instead of returned, which releases the lock.
 #[derive(Debug)]
 pub(crate) struct AudienceLease {
@@ -226,11 +228,12 @@ impl AudienceLease {
     /// Tries to take the lease; `None` when another session holds it.
     pub(crate) async fn try_acquire(pool: &PgPool, audience_id: &str) -> Result<Option<Self>> {
         let mut connection = pool.acquire().await?;
-        let acquired: bool =
-            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('fetcher:' || $1))")
-                .bind(audience_id)
-                .fetch_one(&mut *connection)
-                .await?;
+        let acquired: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_lock(hashtext('fetcher:' || current_schema() || ':' || $1))",
+        )
+        .bind(audience_id)
+        .fetch_one(&mut *connection)
+        .await?;
         Ok(acquired.then(|| Self {
             connection: Some(connection),
             audience_id: audience_id.to_owned(),
@@ -250,11 +253,12 @@ impl AudienceLease {
         let Some(mut connection) = self.connection.take() else {
             return;
         };
-        let unlocked =
-            sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock(hashtext('fetcher:' || $1))")
-                .bind(&self.audience_id)
-                .fetch_one(&mut *connection)
-                .await;
+        let unlocked = sqlx::query_scalar::<_, bool>(
+            "SELECT pg_advisory_unlock(hashtext('fetcher:' || current_schema() || ':' || $1))",
+        )
+        .bind(&self.audience_id)
+        .fetch_one(&mut *connection)
+        .await;
         if !matches!(unlocked, Ok(true)) {
             warn!(audience_id = %self.audience_id, "failed to unlock audience lease; closing its connection");
             connection.close_on_drop();

@@ -18,6 +18,7 @@ use lapin::types::FieldTable;
 use optout_amqp::{MEMBERS_CHANGED_ROUTING_KEY, Publisher, Topology};
 use optout_mailchimp::{MailchimpClient, Member, MemberStatus, MembersQuery};
 use optout_proto::queue::v1::{self as queue, MemberSnapshot, MembersChanged, Source};
+use optout_telemetry::SpanExt as _;
 use sqlx::PgPool;
 use tokio::sync::{Mutex, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -353,7 +354,19 @@ impl Fetcher {
             info!(%run_id, "dry run requested: the fetcher publishes as usual, consumers apply dry-run semantics");
         }
         let fetcher = self.clone();
-        let span = info_span!("sync_run", %run_id, full = request.full);
+        // One primary sync run is one trace: a root span, linked to whatever triggered it (an admin RPC,
+        // or nothing for the scheduler), so every page, message and write of the run shares its trace id.
+        let trigger = optout_telemetry::remote_span_context(&tracing::Span::current().context());
+        let span = info_span!(
+            parent: None,
+            "sync_run",
+            otel.name = "sync run",
+            %run_id,
+            full = request.full
+        );
+        if let Some(trigger) = trigger {
+            span.add_link(trigger);
+        }
         let task_run_id = run_id.clone();
         self.inner.tasks.spawn(
             async move {

@@ -4,11 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use optout_telemetry::{http, metrics::ApiCalls};
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 use crate::error::{Error, Result};
 use crate::subscriber_hash;
@@ -16,6 +18,9 @@ use crate::types::{
     Audience, BatchSubscribe, BatchSubscribeResponse, Member, MemberStatus, MembersPage,
     MembersQuery, NewWebhook, UpsertMember, Webhook,
 };
+
+/// The `api` label of this client's calls in `optout_api_calls_total`.
+pub(crate) const API: &str = "mailchimp";
 
 /// First backoff delay; doubled per attempt, with jitter, up to [`MAX_BACKOFF`].
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
@@ -57,6 +62,7 @@ impl MailchimpConfig {
 #[derive(Clone, Debug)]
 pub struct MailchimpClient {
     inner: Arc<Inner>,
+    api_calls: ApiCalls,
 }
 
 #[derive(Debug)]
@@ -99,7 +105,19 @@ impl MailchimpClient {
                 permits: Semaphore::new(config.max_connections.max(1)),
                 max_retries: config.max_retries,
             }),
+            api_calls: ApiCalls::default(),
         })
+    }
+
+    /// The per-endpoint call counts of this client (and its clones), for a service's metrics registry.
+    pub fn api_calls(&self) -> ApiCalls {
+        self.api_calls.clone()
+    }
+
+    /// Counts this client's calls in `api_calls` (e.g. a family already in a service's registry).
+    pub fn with_api_calls(mut self, api_calls: ApiCalls) -> Self {
+        self.api_calls = api_calls;
+        self
     }
 
     /// Every audience of the account (pages `GET /lists`).
@@ -327,10 +345,15 @@ impl MailchimpClient {
             .await
             .map_err(|_| Error::Config("client semaphore closed".to_owned()))?;
         let url = format!("{}{path}", self.inner.base_url);
+        // The template keeps the endpoint label and span name low-cardinality (no list ids or hashes).
+        let template = http::path_template(path);
+        let endpoint = format!("{method} {template}");
+        let span = http::client_span(method.as_str(), &url, &template);
         let mut request = self
             .inner
             .http
             .request(method, url)
+            .headers(span.in_scope(http::trace_headers))
             .basic_auth("user", Some(self.inner.api_key.expose_secret()));
         if !query.is_empty() {
             request = request.query(query);
@@ -338,8 +361,24 @@ impl MailchimpClient {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.map_err(Error::Transport)?;
+        let response = match request.send().instrument(span.clone()).await {
+            Ok(response) => response,
+            Err(error) => {
+                http::record_error(
+                    &span,
+                    if error.is_timeout() {
+                        "timeout"
+                    } else {
+                        "transport"
+                    },
+                );
+                self.api_calls.record(API, &endpoint, "error");
+                return Err(Error::Transport(error));
+            }
+        };
         let status = response.status();
+        http::record_status(&span, status.as_u16());
+        self.api_calls.record(API, &endpoint, status.as_str());
         let bytes = response.bytes().await.map_err(Error::Transport)?;
         if status.is_success() {
             return Ok(if status == StatusCode::NO_CONTENT {

@@ -27,3 +27,19 @@ pub mod admin {
         tonic::include_proto!("optout.admin.v1");
     }
 }
+
+/// The fetcher's `Memberships` service (Salesforce-side requests).
+pub mod memberships {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("optout.memberships.v1");
+    }
+}
+
+/// The salesforce-writer's `Records` service.
+pub mod writer {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("optout.writer.v1");
+    }
+}

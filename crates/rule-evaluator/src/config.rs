@@ -51,9 +51,22 @@ pub struct Config {
     /// Address of the gRPC server (health, reflection, Admin, Decisions).
     #[arg(long, env = "OPTOUT_GRPC_LISTEN", default_value = "127.0.0.1:0")]
     pub grpc_listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(long, env = "OPTOUT_METRICS_LISTEN", default_value = "127.0.0.1:0")]
+    pub metrics_listen: SocketAddr,
     /// Bearer token the Admin and Decisions services require.
-    #[arg(long, env = "OPTOUT_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "OPTOUT_ADMIN_TOKEN",
+        hide_env_values = true,
+        required = false,
+        required_unless_present = "migrate_only",
+        default_value_if("migrate_only", "true", "")
+    )]
     pub admin_token: SecretString,
+    /// Create the schema, run the migrations and exit; needs only the database settings.
+    #[arg(long)]
+    pub migrate_only: bool,
     /// Unacknowledged `members.changed` deliveries held at once.
     #[arg(long, env = "OPTOUT_PREFETCH", default_value_t = 20)]
     pub prefetch: u16,
@@ -63,11 +76,32 @@ pub struct Config {
     /// Milliseconds to wait for a batch to fill once its first message arrived.
     #[arg(long, env = "OPTOUT_MAX_WAIT_MS", default_value_t = 50)]
     pub max_wait_ms: u64,
+    /// Longest time, in seconds, shutdown waits for the batch in hand before the process exits anyway.
+    #[arg(long, env = "OPTOUT_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub shutdown_grace_secs: u64,
+    /// Optional TLS on the gRPC port.
+    #[command(flatten)]
+    pub grpc_tls: optout_service::GrpcTls,
 }
 
 impl Config {
     /// Checks what clap cannot: ranges and the schema name that is spliced into SQL.
     pub fn validate(&self) -> Result<()> {
+        if self.migrate_only {
+            return self.validate_database();
+        }
+        optout_service::config::check_url(
+            "OPTOUT_AMQP_URL",
+            self.amqp_url.expose_secret(),
+            &["amqp", "amqps"],
+        )
+        .map_err(|error| Error::Config(error.to_string()))?;
+        optout_service::config::check_url(
+            "OPTOUT_DATABASE_URL",
+            self.database_url.expose_secret(),
+            &["postgres", "postgresql"],
+        )
+        .map_err(|error| Error::Config(error.to_string()))?;
         if self.persons_partitions == 0 {
             return Err(Error::Config(
                 "persons partitions must be at least 1".to_owned(),
@@ -93,6 +127,23 @@ impl Config {
             .any(|audience| audience.trim().is_empty())
         {
             return Err(Error::Config("audience ids must not be empty".to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The checks `--migrate-only` needs: the database URL and the schema name.
+    fn validate_database(&self) -> Result<()> {
+        optout_service::config::check_url(
+            "OPTOUT_DATABASE_URL",
+            self.database_url.expose_secret(),
+            &["postgres", "postgresql"],
+        )
+        .map_err(|error| Error::Config(error.to_string()))?;
+        if !is_identifier(&self.database_schema) || self.database_schema.len() > 50 {
+            return Err(Error::Config(format!(
+                "database schema must match [a-z_][a-z0-9_]* (at most 50 characters), got {:?}",
+                self.database_schema
+            )));
         }
         Ok(())
     }

@@ -8,6 +8,10 @@ use std::{
 use chrono::{DateTime, Utc};
 use optout_amqp::{Message, Outcome, Publisher, Topology, lapin::types::FieldTable};
 use optout_proto::queue::v1::{MemberStatus as ProtoStatus, MembersChanged, PersonsDirty, Source};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
 use sqlx::PgPool;
 use tracing::{debug, warn};
 
@@ -31,6 +35,14 @@ pub(crate) struct Counters {
     decisions_no_change: AtomicI64,
     dirty_published: AtomicI64,
     messages_dead_lettered: AtomicI64,
+    /// The same decisions as a Prometheus family, `optout_decisions_total{decision}`.
+    pub(crate) decisions: Family<DecisionLabels, Counter>,
+}
+
+/// The decision label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DecisionLabels {
+    decision: &'static str,
 }
 
 impl Counters {
@@ -125,12 +137,16 @@ impl Evaluator {
     async fn apply(&self, snapshots: &[Snapshot]) -> Result<()> {
         let states = store::apply_batch(&self.pool, &self.scope, snapshots).await?;
         for state in &states {
-            let counter = match state.decision {
-                Decision::OptOut => &self.counters.decisions_opt_out,
-                Decision::OptIn => &self.counters.decisions_opt_in,
-                Decision::NoChange => &self.counters.decisions_no_change,
+            let (counter, decision) = match state.decision {
+                Decision::OptOut => (&self.counters.decisions_opt_out, "opt_out"),
+                Decision::OptIn => (&self.counters.decisions_opt_in, "opt_in"),
+                Decision::NoChange => (&self.counters.decisions_no_change, "no_change"),
             };
             counter.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .decisions
+                .get_or_create(&DecisionLabels { decision })
+                .inc();
         }
         self.publish_dirty(&states).await
     }

@@ -24,11 +24,9 @@ use optout_proto::{
         ExplainRequest, ExplainResponse, MemberState, PersonDecision, decisions_server::Decisions,
     },
 };
-use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
-use subtle::ConstantTimeEq;
 use tokio::sync::watch;
-use tonic::{Request, Response, Status, service::Interceptor};
+use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::{
@@ -48,45 +46,7 @@ const EXPLAIN_TRANSITIONS: i64 = 200;
 const DEFAULT_DEAD_LETTER_LIMIT: usize = 100;
 
 /// Requires `authorization: Bearer <token>` on every call, compared in constant time.
-#[derive(Clone)]
-pub struct BearerAuth {
-    expected: Arc<SecretString>,
-}
-
-impl std::fmt::Debug for BearerAuth {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("BearerAuth([REDACTED])")
-    }
-}
-
-impl BearerAuth {
-    /// Accepts calls that carry `token`.
-    pub fn new(token: SecretString) -> Self {
-        Self {
-            expected: Arc::new(token),
-        }
-    }
-}
-
-impl Interceptor for BearerAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
-        let matches: bool = presented
-            .as_bytes()
-            .ct_eq(self.expected.expose_secret().as_bytes())
-            .into();
-        if matches {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated("invalid bearer token"))
-        }
-    }
-}
+pub use optout_service::RequireBearer as BearerAuth;
 
 /// What the services need once the dependencies are connected.
 #[derive(Debug)]
@@ -124,14 +84,20 @@ impl Shared {
     }
 }
 
-fn internal(error: &Error) -> Status {
+/// An error with its sources, for one log line or status message.
+pub(crate) fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = error.source();
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());
         source = cause.source();
     }
+    text
+}
+
+fn internal(error: &Error) -> Status {
+    let text = error_text(error);
     warn!(error = text, "grpc call failed");
     if error.is_transient() {
         Status::unavailable(text)
@@ -169,6 +135,7 @@ fn person_decision(stored: StoredDecision) -> PersonDecision {
         version: stored.version,
         opt_in_evidence_id: stored.opt_in_evidence_id,
         rule: stored.rule,
+        opted_out_at: stored.opted_out_at.map(timestamp),
     }
 }
 
@@ -348,6 +315,7 @@ impl Admin for AdminService {
         // The evaluator runs no syncs of its own; an empty run id says so without failing `optoutctl sync`.
         Ok(Response::new(TriggerSyncResponse {
             run_id: String::new(),
+            dry_run_report: None,
         }))
     }
 

@@ -15,7 +15,7 @@ pub mod store;
 
 use std::{io::Write, net::SocketAddr, sync::Arc, time::Duration};
 
-use optout_amqp::{ConsumeOptions, Message, Publisher, Topology};
+use optout_amqp::{ConsumeOptions, ConsumerMetrics, Message, Publisher, Topology};
 use optout_proto::{
     admin::v1::admin_server::AdminServer, evaluator::v1::decisions_server::DecisionsServer,
     queue::v1::MembersChanged,
@@ -42,9 +42,12 @@ const SERVICES: [&str; 2] = ["optout.evaluator.v1.Decisions", "optout.admin.v1.A
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Binds `config.grpc_listen`, announces `{"service":"rule-evaluator","grpc":"ADDR"}` as the first stdout
-/// line and serves until `shutdown`.
+/// line and serves until `shutdown`. With `--migrate-only` it only runs [`migrate`].
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     config.validate()?;
+    if config.migrate_only {
+        return migrate(&config).await;
+    }
     let listener = TcpListener::bind(config.grpc_listen)
         .await
         .map_err(|source| Error::Bind {
@@ -55,24 +58,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         addr: config.grpc_listen,
         source,
     })?;
-    announce(addr)?;
-    serve(config, listener, shutdown).await
+    let metrics_listener = bind_metrics(&config).await?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(|source| Error::Bind {
+            addr: config.metrics_listen,
+            source,
+        })?;
+    announce(addr, metrics_addr)?;
+    serve_with_metrics(config, listener, metrics_listener, shutdown).await
 }
 
-fn announce(addr: SocketAddr) -> Result<()> {
+async fn bind_metrics(config: &Config) -> Result<TcpListener> {
+    optout_telemetry::metrics::bind(config.metrics_listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.metrics_listen,
+            source,
+        })
+}
+
+fn announce(addr: SocketAddr, metrics_addr: SocketAddr) -> Result<()> {
     // Written by hand to keep the documented key order (service first).
     let service = serde_json::Value::from(SERVICE_NAME);
     let grpc = serde_json::Value::from(addr.to_string());
+    let metrics = serde_json::Value::from(metrics_addr.to_string());
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, r#"{{"service":{service},"grpc":{grpc}}}"#).map_err(Error::Announce)?;
+    writeln!(
+        stdout,
+        r#"{{"service":{service},"grpc":{grpc},"metrics":{metrics}}}"#
+    )
+    .map_err(Error::Announce)?;
     stdout.flush().map_err(Error::Announce)
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    health.set_service_status("", status).await;
-    for service in SERVICES {
-        health.set_service_status(service, status).await;
-    }
+    optout_service::health::set_all(health, &SERVICES, status).await;
 }
 
 /// Serves gRPC on `listener` at once (health `NOT_SERVING`), connects to PostgreSQL and RabbitMQ (retrying
@@ -84,19 +105,61 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<()> {
     config.validate()?;
+    let metrics_listener = bind_metrics(&config).await?;
+    serve_with_metrics(config, listener, metrics_listener, shutdown).await
+}
+
+/// [`serve`], with Prometheus `/metrics` on `metrics_listener`: decisions by kind
+/// (`optout_decisions_total{decision}`), consumer outcomes, dead letters, queue lag and depths.
+pub async fn serve_with_metrics(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    config.validate()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(optout_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    // grpcurl before 1.8.8 and many other tools only speak the v1alpha reflection protocol.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(optout_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let shared = Arc::new(Shared::new());
     let auth = BearerAuth::new(config.admin_token.clone());
+    let mut builder = Server::builder().trace_fn(optout_telemetry::grpc::server_span);
+    if let Some(tls) = optout_service::tls::server_config(&config.grpc_tls)
+        .map_err(|error| Error::Config(grpc::error_text(&error)))?
+    {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|error| Error::Config(format!("invalid grpc tls configuration: {error}")))?;
+    }
+    // Health turns NOT_SERVING the moment shutdown starts, while the batch in hand is still finishing, so
+    // load balancers stop sending RPCs before the server goes away.
+    let health_at_shutdown = health.clone();
+    let shutdown_started = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_started.cancelled().await;
+        set_health(&health_at_shutdown, ServingStatus::NotServing).await;
+    });
     let server_stop = CancellationToken::new();
+    let consumer_metrics = ConsumerMetrics::default();
+    let metrics_server = serve_metrics(
+        metrics_listener,
+        &shared,
+        &consumer_metrics,
+        server_stop.clone(),
+    );
     let server = tokio::spawn(
-        Server::builder()
+        builder
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(AdminServer::with_interceptor(
                 AdminService::new(shared.clone()),
                 auth.clone(),
@@ -111,21 +174,56 @@ pub async fn serve(
             ),
     );
 
-    let result = consume_until_shutdown(&config, &shared, &health, &shutdown).await;
+    let result =
+        consume_until_shutdown(&config, &shared, &health, &consumer_metrics, &shutdown).await;
     set_health(&health, ServingStatus::NotServing).await;
     // RPCs under way finish before the server returns.
     server_stop.cancel();
     let served = server.await;
+    if let Ok(Err(error)) = metrics_server.await {
+        warn!(%error, "metrics server failed");
+    }
     result?;
     served??;
     info!("rule-evaluator stopped");
     Ok(())
 }
 
+/// Serves `/metrics` until `stop`; queue depths are read from the broker at each scrape.
+fn serve_metrics(
+    listener: TcpListener,
+    shared: &Arc<Shared>,
+    consumer_metrics: &ConsumerMetrics,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let mut registry = optout_telemetry::metrics::Registry::default();
+    registry.register(
+        "optout_decisions",
+        "Decisions recomputed by kind (opt_out, opt_in, no_change)",
+        shared.counters.decisions.clone(),
+    );
+    consumer_metrics.register(&mut registry);
+    let refresh_shared = shared.clone();
+    let refresh_metrics = consumer_metrics.clone();
+    let refresh: optout_telemetry::metrics::Refresh = Arc::new(move || {
+        let shared = refresh_shared.clone();
+        let metrics = refresh_metrics.clone();
+        Box::pin(async move {
+            if let Some(ready) = shared.ready.get() {
+                let queue = ready.topology.members_changed_queue();
+                let queues = [ready.topology.dead_letter_queue(&queue), queue];
+                metrics.refresh_depths(&ready.connection, &queues).await;
+            }
+        })
+    });
+    optout_telemetry::metrics::serve(listener, Arc::new(registry), Some(refresh), stop)
+}
+
 async fn consume_until_shutdown(
     config: &Config,
     shared: &Arc<Shared>,
     health: &HealthReporter,
+    consumer_metrics: &ConsumerMetrics,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let Some(ready) = connect_with_retry(config, shutdown).await? else {
@@ -156,11 +254,12 @@ async fn consume_until_shutdown(
         in_flight: shared.in_flight.clone(),
     };
     let queue = topology.members_changed_queue();
-    optout_amqp::consume(
+    optout_amqp::consume_with_metrics(
         &connection,
         &topology,
         &queue,
         options,
+        consumer_metrics.clone(),
         shutdown.clone(),
         move |batch: Vec<Message<MembersChanged>>| {
             let evaluator = evaluator.clone();
@@ -196,6 +295,13 @@ async fn connect_with_retry(
         }
         backoff = (backoff * 2).min(MAX_CONNECT_BACKOFF);
     }
+}
+
+/// Creates the evaluator's schema and runs its migrations, then closes the pool (`--migrate-only`).
+pub async fn migrate(config: &Config) -> Result<()> {
+    let pool = store::connect(&config.database_url, &config.evaluator_schema(), 1).await?;
+    pool.close().await;
+    Ok(())
 }
 
 async fn connect(config: &Config) -> Result<Ready> {

@@ -1,61 +1,51 @@
 //! `optout-rule-evaluator`: parses the configuration, installs signal handling and runs the service.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
-use optout_rule_evaluator::{Config, run};
+use optout_rule_evaluator::{Config, Error, run};
+use optout_service::{EXIT_CONFIG, EXIT_FAILURE};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::error;
 
-/// Exit code for an invalid configuration (sysexits `EX_USAGE`).
-const EXIT_USAGE: u8 = 64;
+/// Time on top of the drain's grace period for closing connections and flushing telemetry.
+const EXIT_MARGIN: Duration = Duration::from_secs(5);
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    // Defaults, then `--config FILE`, then OPTOUT_* (and OPTOUT_*_FILE), then flags.
+    let config: Config = match optout_service::config::load() {
+        Ok(config) => config,
+        Err(error) => return error.report("optout-rule-evaluator"),
+    };
     if let Err(error) = config.validate() {
         eprintln!("optout-rule-evaluator: {error}");
-        return ExitCode::from(EXIT_USAGE);
+        return ExitCode::from(EXIT_CONFIG);
     }
     let telemetry = optout_telemetry::init("rule-evaluator");
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    optout_service::signal::spawn_watcher(
+        "optout-rule-evaluator",
+        shutdown.clone(),
+        Duration::from_secs(config.shutdown_grace_secs) + EXIT_MARGIN,
+    );
     let result = run(config, shutdown).await;
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
+            let code = match failure {
+                Error::Config(_) => EXIT_CONFIG,
+                _ => EXIT_FAILURE,
+            };
             let chain: Vec<String> = anyhow::Error::new(failure)
                 .chain()
                 .map(ToString::to_string)
                 .collect();
             error!(error = chain.join(": "), "rule-evaluator failed");
-            ExitCode::FAILURE
+            eprintln!("optout-rule-evaluator: {}", chain.join(": "));
+            ExitCode::from(code)
         }
     };
     telemetry.shutdown();
     code
-}
-
-/// SIGTERM (what Kubernetes sends) or SIGINT starts a graceful shutdown; a second signal exits at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    let first = next_signal().await;
-    info!(signal = first, "shutting down");
-    shutdown.cancel();
-    let second = next_signal().await;
-    error!(signal = second, "second signal, exiting immediately");
-    std::process::exit(130);
-}
-
-async fn next_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => tokio::select! {
-            _ = terminate.recv() => "SIGTERM",
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            "SIGINT"
-        }
-    }
 }

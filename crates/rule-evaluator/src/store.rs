@@ -116,6 +116,8 @@ pub struct StoredDecision {
     pub version: i64,
     /// Pending opt-in evidence, 0 when none.
     pub opt_in_evidence_id: i64,
+    /// For an opt-out: the latest `last_changed` of the email's unsubscribed members.
+    pub opted_out_at: Option<DateTime<Utc>>,
 }
 
 impl StoredDecision {
@@ -126,6 +128,7 @@ impl StoredDecision {
             rule: crate::rule::RULE_NO_MEMBERS.to_owned(),
             version: 0,
             opt_in_evidence_id: 0,
+            opted_out_at: None,
         }
     }
 }
@@ -492,7 +495,10 @@ impl PersonUpdates {
 pub async fn decisions(pool: &PgPool, emails: &[String]) -> Result<Vec<StoredDecision>> {
     let normalized: Vec<String> = emails.iter().map(|email| normalize_email(email)).collect();
     let rows = sqlx::query(
-        "SELECT email, decision, rule, version, opt_in_evidence_id FROM persons WHERE email = ANY($1)",
+        "SELECT p.email, p.decision, p.rule, p.version, p.opt_in_evidence_id, \
+                (SELECT max(m.last_changed) FROM members m \
+                  WHERE m.email = p.email AND m.status = 'unsubscribed') AS opted_out_at \
+         FROM persons p WHERE p.email = ANY($1)",
     )
     .bind(&normalized)
     .fetch_all(pool)
@@ -500,11 +506,17 @@ pub async fn decisions(pool: &PgPool, emails: &[String]) -> Result<Vec<StoredDec
     let mut found: HashMap<String, StoredDecision> = HashMap::with_capacity(rows.len());
     for row in rows {
         let email: String = row.try_get("email")?;
+        let decision = Decision::from_stored(row.try_get::<&str, _>("decision")?);
+        let opted_out_at = match decision {
+            Decision::OptOut => row.try_get::<Option<DateTime<Utc>>, _>("opted_out_at")?,
+            Decision::OptIn | Decision::NoChange => None,
+        };
         found.insert(
             email.clone(),
             StoredDecision {
                 email,
-                decision: Decision::from_stored(row.try_get::<&str, _>("decision")?),
+                decision,
+                opted_out_at,
                 rule: row.try_get("rule")?,
                 version: row.try_get("version")?,
                 opt_in_evidence_id: row

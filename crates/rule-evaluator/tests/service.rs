@@ -859,3 +859,200 @@ async fn invalid_messages_are_dead_lettered_and_managed_over_admin() -> anyhow::
     assert_eq!(purged.purged, 2);
     world.teardown(vec![evaluator]).await
 }
+
+fn changed_from(
+    audience_id: &str,
+    source: Source,
+    first_sync: bool,
+    members: &[(&str, MemberStatus, i64)],
+) -> MembersChanged {
+    MembersChanged {
+        source: source as i32,
+        ..changed(audience_id, first_sync, members)
+    }
+}
+
+#[tokio::test]
+async fn explain_shows_members_in_three_audiences_every_transition_and_the_deciding_rule()
+-> anyhow::Result<()> {
+    let world = World::new().await?;
+    let evaluator = world.start().await?;
+    let email = "three@example.com";
+    let t4 = T3 + 60;
+    let steps = [
+        // First sync of three audiences: subscribed everywhere (a baseline, no evidence).
+        changed_from(
+            "aud1",
+            Source::Poll,
+            true,
+            &[(email, MemberStatus::Subscribed, T1)],
+        ),
+        changed_from(
+            "aud2",
+            Source::Poll,
+            true,
+            &[(email, MemberStatus::Subscribed, T1)],
+        ),
+        changed_from(
+            "aud3",
+            Source::Poll,
+            true,
+            &[(email, MemberStatus::Subscribed, T1)],
+        ),
+        // Unsubscribes: one by webhook, two by the next poll.
+        changed_from(
+            "aud1",
+            Source::Webhook,
+            false,
+            &[(email, MemberStatus::Unsubscribed, T2)],
+        ),
+        changed_from(
+            "aud2",
+            Source::Poll,
+            false,
+            &[(email, MemberStatus::Unsubscribed, T2)],
+        ),
+        changed_from(
+            "aud3",
+            Source::Poll,
+            false,
+            &[(email, MemberStatus::Unsubscribed, T2)],
+        ),
+        // Resubscribed in one audience (opt-in evidence), then unsubscribed there again.
+        changed_from(
+            "aud2",
+            Source::Webhook,
+            false,
+            &[(email, MemberStatus::Subscribed, T3)],
+        ),
+        changed_from(
+            "aud2",
+            Source::Poll,
+            false,
+            &[(email, MemberStatus::Unsubscribed, t4)],
+        ),
+    ];
+    let expected_decisions = [
+        Decision::OptIn,
+        Decision::OptIn,
+        Decision::OptIn,
+        Decision::OptIn,
+        Decision::OptIn,
+        Decision::OptOut,
+        Decision::OptIn,
+        Decision::OptOut,
+    ];
+    let mut client = DecisionsClient::new(evaluator.channel.clone());
+    for (index, (step, expected)) in steps.iter().zip(expected_decisions).enumerate() {
+        world.publish(step).await?;
+        evaluator.wait_processed(index as i64 + 1).await?;
+        let decision = evaluator.wait_decision(email, expected).await?;
+        // Each step is visible in Explain as it happens.
+        let explained = client
+            .explain(authorized(ExplainRequest {
+                email: email.to_owned(),
+            }))
+            .await?
+            .into_inner();
+        assert_eq!(
+            explained.transitions.len(),
+            index + 1,
+            "step {index}: {explained:?}"
+        );
+        assert_eq!(
+            explained.decision.as_ref().map(|d| d.decision),
+            Some(expected as i32)
+        );
+        if index == 6 {
+            assert_ne!(
+                decision.opt_in_evidence_id, 0,
+                "resubscribe carries evidence"
+            );
+        }
+    }
+
+    let explained = client
+        .explain(authorized(ExplainRequest {
+            email: " Three@Example.com ".to_owned(),
+        }))
+        .await?
+        .into_inner();
+    let decision = explained.decision.context("a decision")?;
+    assert_eq!(decision.decision, Decision::OptOut as i32);
+    assert_eq!(
+        decision.opt_in_evidence_id, 0,
+        "the later unsubscribe cleared the evidence"
+    );
+    assert!(!decision.rule.is_empty(), "the rule is named");
+    let members: Vec<(String, String, String)> = explained
+        .members
+        .iter()
+        .map(|member| {
+            (
+                member.audience_id.clone(),
+                member.status.clone(),
+                member.learned_from.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        members,
+        [
+            (
+                "aud1".to_owned(),
+                "unsubscribed".to_owned(),
+                "webhook".to_owned()
+            ),
+            (
+                "aud2".to_owned(),
+                "unsubscribed".to_owned(),
+                "poll".to_owned()
+            ),
+            (
+                "aud3".to_owned(),
+                "unsubscribed".to_owned(),
+                "poll".to_owned()
+            ),
+        ]
+    );
+    assert!(
+        explained
+            .members
+            .iter()
+            .all(|member| member.last_changed.is_some())
+    );
+    let transitions: Vec<(String, String, String, String)> = explained
+        .transitions
+        .iter()
+        .map(|transition| {
+            (
+                transition.audience_id.clone(),
+                transition.from_status.clone(),
+                transition.to_status.clone(),
+                transition.learned_from.clone(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String, String)> = [
+        ("aud1", "", "subscribed", "poll"),
+        ("aud2", "", "subscribed", "poll"),
+        ("aud3", "", "subscribed", "poll"),
+        ("aud1", "subscribed", "unsubscribed", "webhook"),
+        ("aud2", "subscribed", "unsubscribed", "poll"),
+        ("aud3", "subscribed", "unsubscribed", "poll"),
+        ("aud2", "unsubscribed", "subscribed", "webhook"),
+        ("aud2", "subscribed", "unsubscribed", "poll"),
+    ]
+    .iter()
+    .map(|(audience, from, to, source)| {
+        (
+            (*audience).to_owned(),
+            (*from).to_owned(),
+            (*to).to_owned(),
+            (*source).to_owned(),
+        )
+    })
+    .collect();
+    assert_eq!(transitions, expected);
+    world.teardown(vec![evaluator]).await
+}

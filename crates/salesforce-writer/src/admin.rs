@@ -3,16 +3,20 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
+use optout_amqp::dead_letters;
 use optout_proto::admin::v1::admin_server::Admin;
 use optout_proto::admin::v1::{
-    GetStatusRequest, GetStatusResponse, ListDeadLettersRequest, ListDeadLettersResponse,
-    PauseRequest, PauseResponse, PurgeDeadLettersRequest, PurgeDeadLettersResponse, QueueStatus,
-    ReplayDeadLettersRequest, ReplayDeadLettersResponse, ResumeRequest, ResumeResponse,
-    TriggerSyncRequest, TriggerSyncResponse,
+    DeadLetter, GetStatusRequest, GetStatusResponse, ListDeadLettersRequest,
+    ListDeadLettersResponse, PauseRequest, PauseResponse, PurgeDeadLettersRequest,
+    PurgeDeadLettersResponse, QueueStatus, ReplayDeadLettersRequest, ReplayDeadLettersResponse,
+    ResumeRequest, ResumeResponse, TriggerSyncRequest, TriggerSyncResponse,
 };
 use tonic::{Request, Response, Status};
 
 use crate::AppState;
+
+/// Dead letters listed when the request sets no limit.
+const DEFAULT_DEAD_LETTER_LIMIT: usize = 100;
 
 /// Admin RPCs; answer `unavailable` until start-up has connected every dependency.
 #[derive(Clone, Debug)]
@@ -105,40 +109,122 @@ impl Admin for AdminService {
         request: Request<TriggerSyncRequest>,
     ) -> Result<Response<TriggerSyncResponse>, Status> {
         let state = self.state()?;
+        let request = request.into_inner();
+        if request.dry_run {
+            // A dry run writes nothing, so it may run while paused; it answers when complete, with the report.
+            let (run_id, report) = state
+                .dry_run_cycle(request.full)
+                .await
+                .map_err(|error| Status::unavailable(crate::error_chain(&error)))?;
+            return Ok(Response::new(TriggerSyncResponse {
+                run_id,
+                dry_run_report: Some(report),
+            }));
+        }
         if *state.paused.borrow() {
             return Err(Status::failed_precondition(
                 "the writer is paused; resume it first",
             ));
         }
-        let request = request.into_inner();
-        let run_id = state.start_poll_cycle(request.full, request.dry_run);
-        Ok(Response::new(TriggerSyncResponse { run_id }))
+        let run_id = state.start_poll_cycle(request.full, false);
+        Ok(Response::new(TriggerSyncResponse {
+            run_id,
+            dry_run_report: None,
+        }))
     }
 
     async fn list_dead_letters(
         &self,
-        _request: Request<ListDeadLettersRequest>,
+        request: Request<ListDeadLettersRequest>,
     ) -> Result<Response<ListDeadLettersResponse>, Status> {
-        Err(Status::unimplemented(
-            "dead letters are not served by the writer yet",
-        ))
+        let state = self.state()?;
+        let limit = match request.into_inner().limit {
+            0 => DEFAULT_DEAD_LETTER_LIMIT,
+            limit => usize::try_from(limit).unwrap_or(usize::MAX),
+        };
+        let topology = &state.writer.topology;
+        let mut listed = Vec::new();
+        for queue in topology.persons_dirty_queues() {
+            if listed.len() >= limit {
+                break;
+            }
+            let remaining = limit - listed.len();
+            listed.extend(
+                dead_letters::list(&state.amqp, topology, &queue, remaining)
+                    .await
+                    .map_err(dead_letter_status)?,
+            );
+        }
+        Ok(Response::new(ListDeadLettersResponse {
+            dead_letters: listed
+                .into_iter()
+                .map(|dead_letter| DeadLetter {
+                    queue: dead_letter.queue,
+                    message_id: dead_letter.message_id,
+                    reason: dead_letter.reason,
+                    routing_key: dead_letter.routing_key,
+                    first_failure: dead_letter.first_failure_ms.map(timestamp_ms),
+                    last_failure: dead_letter.last_failure_ms.map(timestamp_ms),
+                    failures: dead_letter.failures,
+                    body_bytes: dead_letter.body_bytes,
+                })
+                .collect(),
+        }))
     }
 
     async fn replay_dead_letters(
         &self,
-        _request: Request<ReplayDeadLettersRequest>,
+        request: Request<ReplayDeadLettersRequest>,
     ) -> Result<Response<ReplayDeadLettersResponse>, Status> {
-        Err(Status::unimplemented(
-            "dead letters are not served by the writer yet",
-        ))
+        let state = self.state()?;
+        let request = request.into_inner();
+        if !request.all && request.message_ids.is_empty() {
+            return Err(Status::invalid_argument(
+                "name message ids to replay, or set all",
+            ));
+        }
+        let topology = &state.writer.topology;
+        let mut replayed = 0;
+        // A message id lives in one partition's DLQ; the others simply do not match it.
+        for queue in topology.persons_dirty_queues() {
+            replayed += dead_letters::replay(
+                &state.amqp,
+                topology,
+                &queue,
+                &request.message_ids,
+                request.all,
+            )
+            .await
+            .map_err(dead_letter_status)?;
+        }
+        tracing::info!(replayed, all = request.all, "replayed dead letters");
+        Ok(Response::new(ReplayDeadLettersResponse { replayed }))
     }
 
     async fn purge_dead_letters(
         &self,
         _request: Request<PurgeDeadLettersRequest>,
     ) -> Result<Response<PurgeDeadLettersResponse>, Status> {
-        Err(Status::unimplemented(
-            "dead letters are not served by the writer yet",
-        ))
+        let state = self.state()?;
+        let topology = &state.writer.topology;
+        let mut purged = 0;
+        for queue in topology.persons_dirty_queues() {
+            purged += dead_letters::purge(&state.amqp, topology, &queue)
+                .await
+                .map_err(dead_letter_status)?;
+        }
+        tracing::info!(purged, "purged dead letters");
+        Ok(Response::new(PurgeDeadLettersResponse { purged }))
+    }
+}
+
+fn dead_letter_status(error: optout_amqp::Error) -> Status {
+    Status::unavailable(crate::error_chain(&error))
+}
+
+fn timestamp_ms(unix_ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: unix_ms.div_euclid(1000),
+        nanos: i32::try_from(unix_ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
     }
 }

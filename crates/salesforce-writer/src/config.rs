@@ -20,10 +20,22 @@ use crate::{Error, Result};
 pub struct Config {
     /// Salesforce token endpoint host (`https://login.salesforce.com`, a My Domain, or the sandbox);
     /// the instance URL comes from the token response.
-    #[arg(long, env = "OPTOUT_SALESFORCE_LOGIN_URL")]
+    #[arg(
+        long,
+        env = "OPTOUT_SALESFORCE_LOGIN_URL",
+        required = false,
+        required_unless_present = "migrate_only",
+        default_value_if("migrate_only", "true", "")
+    )]
     pub salesforce_login_url: String,
     /// Connected app consumer key.
-    #[arg(long, env = "OPTOUT_SALESFORCE_CLIENT_ID")]
+    #[arg(
+        long,
+        env = "OPTOUT_SALESFORCE_CLIENT_ID",
+        required = false,
+        required_unless_present = "migrate_only",
+        default_value_if("migrate_only", "true", "")
+    )]
     pub salesforce_client_id: String,
     /// Consumer secret for the client-credentials flow.
     #[arg(long, env = "OPTOUT_SALESFORCE_CLIENT_SECRET", hide_env_values = true)]
@@ -53,7 +65,13 @@ pub struct Config {
     pub objects: Vec<SfObject>,
 
     /// The rule-evaluator's gRPC endpoint (`http://127.0.0.1:PORT`).
-    #[arg(long, env = "OPTOUT_EVALUATOR_URL")]
+    #[arg(
+        long,
+        env = "OPTOUT_EVALUATOR_URL",
+        required = false,
+        required_unless_present = "migrate_only",
+        default_value_if("migrate_only", "true", "")
+    )]
     pub evaluator_url: String,
     /// Bearer token for the evaluator; defaults to `--admin-token`.
     #[arg(long, env = "OPTOUT_EVALUATOR_TOKEN", hide_env_values = true)]
@@ -105,17 +123,40 @@ pub struct Config {
     /// gRPC listen address (health, reflection, Admin).
     #[arg(long, env = "OPTOUT_GRPC_LISTEN", default_value = "127.0.0.1:0")]
     pub grpc_listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint.
+    #[arg(long, env = "OPTOUT_METRICS_LISTEN", default_value = "127.0.0.1:0")]
+    pub metrics_listen: SocketAddr,
     /// Bearer token required by the Admin service.
-    #[arg(long, env = "OPTOUT_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "OPTOUT_ADMIN_TOKEN",
+        hide_env_values = true,
+        required = false,
+        required_unless_present = "migrate_only",
+        default_value_if("migrate_only", "true", "")
+    )]
     pub admin_token: SecretString,
+    /// Create the schema, run the migrations and exit; needs only the database settings.
+    #[arg(long)]
+    pub migrate_only: bool,
     /// Longest time shutdown waits for the batch in hand, in seconds.
     #[arg(long, env = "OPTOUT_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
+    /// Optional TLS on the gRPC port.
+    #[command(flatten)]
+    pub grpc_tls: optout_service::GrpcTls,
+    /// Automated opt-out (off by default).
+    #[command(flatten)]
+    pub auto_optout: crate::auto_optout::AutoOptOutConfig,
 }
 
 impl Config {
     /// Checks what clap cannot: one complete Salesforce credential, sane sizes, a safe schema name.
     pub fn validate(&self) -> Result<()> {
+        if self.migrate_only {
+            return self.validate_database();
+        }
+        self.auto_optout.validate()?;
         let jwt = self.salesforce_jwt_username.is_some() || self.salesforce_jwt_key_file.is_some();
         if jwt && (self.salesforce_jwt_username.is_none() || self.salesforce_jwt_key_file.is_none())
         {
@@ -131,6 +172,32 @@ impl Config {
         }
         if self.admin_token.expose_secret().is_empty() {
             return Err(Error::Config("--admin-token must not be empty".into()));
+        }
+        let urls = [
+            (
+                "OPTOUT_AMQP_URL",
+                self.amqp_url.expose_secret(),
+                &["amqp", "amqps"][..],
+            ),
+            (
+                "OPTOUT_DATABASE_URL",
+                self.database_url.expose_secret(),
+                &["postgres", "postgresql"][..],
+            ),
+            (
+                "OPTOUT_SALESFORCE_LOGIN_URL",
+                self.salesforce_login_url.as_str(),
+                &["https", "http"][..],
+            ),
+            (
+                "OPTOUT_EVALUATOR_URL",
+                self.evaluator_url.as_str(),
+                &["http", "https"][..],
+            ),
+        ];
+        for (setting, value, schemes) in urls {
+            optout_service::config::check_url(setting, value, schemes)
+                .map_err(|error| Error::Config(error.to_string()))?;
         }
         if self.objects.is_empty() {
             return Err(Error::Config(
@@ -148,6 +215,17 @@ impl Config {
                 "--evaluator-url must start with http:// or https://".into(),
             ));
         }
+        self.validate_database()
+    }
+
+    /// The checks `--migrate-only` needs: the database URL and the schema name.
+    fn validate_database(&self) -> Result<()> {
+        optout_service::config::check_url(
+            "OPTOUT_DATABASE_URL",
+            self.database_url.expose_secret(),
+            &["postgres", "postgresql"],
+        )
+        .map_err(|error| Error::Config(error.to_string()))?;
         let schema = self.writer_schema();
         // The schema name is interpolated into DDL and `SET search_path`, so only plain identifiers.
         if !schema

@@ -8,10 +8,13 @@
 //! reordering cost at most a redundant read.
 
 mod admin;
-mod auth;
+pub mod auto_optout;
 pub mod config;
+mod dry_run;
+mod metrics;
 pub mod plan;
 mod poll;
+mod records;
 mod store;
 mod writer;
 
@@ -20,10 +23,12 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use optout_amqp::{ConsumeOptions, Publisher, Topology};
+use optout_amqp::{ConsumeOptions, ConsumerMetrics, Publisher, Topology};
 use optout_proto::admin::v1::admin_server::AdminServer;
 use optout_proto::evaluator::v1::decisions_client::DecisionsClient;
 use optout_proto::queue::v1::PersonsDirty;
+use optout_proto::writer::v1::records_server::RecordsServer;
+use optout_telemetry::grpc::WithTrace;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -34,10 +39,11 @@ use tonic_health::ServingStatus;
 pub use config::Config;
 
 use crate::admin::AdminService;
-use crate::auth::{AttachBearer, RequireBearer};
 use crate::plan::SfObject;
+use crate::records::RecordsService;
 use crate::store::Store;
 use crate::writer::Writer;
+use optout_service::{AttachBearer, RequireBearer};
 
 /// Errors of the writer.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +66,9 @@ pub enum Error {
     /// A call to the rule-evaluator failed.
     #[error("evaluator call failed: {0}")]
     Evaluator(Box<tonic::Status>),
+    /// A call to the fetcher's Memberships API failed (automated opt-out).
+    #[error("fetcher call failed: {0}")]
+    Fetcher(Box<tonic::Status>),
     /// The gRPC server failed.
     #[error("grpc server error")]
     Grpc(#[from] tonic::transport::Error),
@@ -71,19 +80,36 @@ pub enum Error {
 /// Result with the writer's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// gRPC names reported by the health service besides `""`.
+const HEALTH_SERVICES: [&str; 2] = ["optout.admin.v1.Admin", "optout.writer.v1.Records"];
+
 /// Binds `config.grpc_listen`, prints `{"service":"salesforce-writer","grpc":"ADDR"}` as the first
-/// stdout line, and serves until `shutdown` (see [`serve`]).
+/// stdout line, and serves until `shutdown` (see [`serve`]). With `--migrate-only` it only runs
+/// [`migrate`].
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    if config.migrate_only {
+        config.validate()?;
+        return migrate(&config).await;
+    }
     let listener = TcpListener::bind(config.grpc_listen).await?;
     let address = listener.local_addr()?;
-    announce(address)?;
-    serve(config, listener, shutdown).await
+    let metrics_listener = optout_telemetry::metrics::bind(config.metrics_listen).await?;
+    announce(address, metrics_listener.local_addr()?)?;
+    serve_with_metrics(config, listener, metrics_listener, shutdown).await
 }
 
-fn announce(address: SocketAddr) -> Result<()> {
+/// Creates the writer's schema and runs its migrations, then closes the pool (`--migrate-only`).
+pub async fn migrate(config: &Config) -> Result<()> {
+    let store = Store::connect(&config.database_url, &config.writer_schema()).await?;
+    store.close().await;
+    Ok(())
+}
+
+fn announce(address: SocketAddr, metrics: SocketAddr) -> Result<()> {
     use std::io::Write;
     // Written by hand to keep the documented key order (serde_json sorts keys).
-    let line = format!(r#"{{"service":"salesforce-writer","grpc":"{address}"}}"#);
+    let line =
+        format!(r#"{{"service":"salesforce-writer","grpc":"{address}","metrics":"{metrics}"}}"#);
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")?;
     stdout.flush()?;
@@ -121,6 +147,21 @@ impl AppState {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = (run_id.to_owned(), finished);
     }
 
+    /// Runs a dry-run poll cycle to the end and reports what it would write (see [`dry_run`]).
+    pub(crate) async fn dry_run_cycle(
+        &self,
+        full: bool,
+    ) -> Result<(String, optout_proto::admin::v1::DryRunReport)> {
+        let run_id = uuid::Uuid::new_v4().to_string();
+        let _cycle = self.poll_lock.lock().await;
+        tracing::info!(%run_id, full, "dry-run poll cycle");
+        let report = poll::poll_cycle(&self.writer, full, true).await?;
+        Ok((
+            run_id,
+            dry_run::report(&self.writer.objects, report.planned, report.scanned),
+        ))
+    }
+
     /// Starts a poll cycle in the background and returns its run id.
     pub(crate) fn start_poll_cycle(self: &Arc<Self>, full: bool, dry_run: bool) -> String {
         let run_id = uuid::Uuid::new_v4().to_string();
@@ -152,14 +193,34 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<()> {
     config.validate()?;
+    let metrics_listener = optout_telemetry::metrics::bind(config.metrics_listen).await?;
+    serve_with_metrics(config, listener, metrics_listener, shutdown).await
+}
+
+/// [`serve`], with Prometheus `/metrics` on `metrics_listener`: records written and failed, the
+/// opt-out latency histogram and oldest-unwritten gauge, Salesforce calls and remaining budget,
+/// consumer outcomes, dead letters, queue lag and depths.
+pub async fn serve_with_metrics(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    config.validate()?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    optout_service::health::set_all(&health, &HEALTH_SERVICES, ServingStatus::NotServing).await;
+    let tls = optout_service::tls::server_config(&config.grpc_tls)
+        .map_err(|error| Error::Config(error_chain(&error)))?;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(optout_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
+        .map_err(|error| Error::Config(format!("reflection: {error}")))?;
+    // grpcurl before 1.8.8 and many other tools only speak the v1alpha reflection protocol.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(optout_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
         .map_err(|error| Error::Config(format!("reflection: {error}")))?;
     let state_cell: Arc<OnceLock<Arc<AppState>>> = Arc::new(OnceLock::new());
     let admin = AdminServer::with_interceptor(
@@ -168,34 +229,103 @@ pub async fn serve(
         },
         RequireBearer::new(config.admin_token.clone()),
     );
+    let records = RecordsServer::with_interceptor(
+        RecordsService {
+            state: Arc::clone(&state_cell),
+        },
+        RequireBearer::new(config.admin_token.clone()),
+    );
+    let observability = Observability::default();
+    let metrics_stop = CancellationToken::new();
+    let metrics_server = serve_metrics(
+        metrics_listener,
+        &observability,
+        &state_cell,
+        metrics_stop.clone(),
+    );
+    let mut builder = Server::builder().trace_fn(optout_telemetry::grpc::server_span);
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|error| Error::Config(format!("invalid grpc tls configuration: {error}")))?;
+    }
     let grpc_stop = CancellationToken::new();
     let grpc_stopped = grpc_stop.clone();
     let grpc = tokio::spawn(
-        Server::builder()
+        builder
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(admin)
+            .add_service(records)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener),
                 async move { grpc_stopped.cancelled().await },
             ),
     );
 
-    let result = start_and_work(&config, &state_cell, &health, &shutdown).await;
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    let result = start_and_work(&config, &state_cell, &health, &observability, &shutdown).await;
+    optout_service::health::set_all(&health, &HEALTH_SERVICES, ServingStatus::NotServing).await;
     grpc_stop.cancel();
     match grpc.await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::warn!(%error, "grpc server ended with an error"),
         Err(error) => tracing::warn!(%error, "grpc server task failed"),
     }
+    metrics_stop.cancel();
+    if let Ok(Err(error)) = metrics_server.await {
+        tracing::warn!(%error, "metrics server failed");
+    }
     if let Some(state) = state_cell.get() {
         state.writer.store.close().await;
         drop(state.amqp.close(200, "shutdown".into()).await);
     }
     result
+}
+
+/// The metrics shared by the write path and the consumers.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Observability {
+    writer: Arc<metrics::WriterMetrics>,
+    consumers: ConsumerMetrics,
+}
+
+/// Serves `/metrics` until `stop`; the API budget and queue depths are read at each scrape.
+fn serve_metrics(
+    listener: TcpListener,
+    observability: &Observability,
+    state_cell: &Arc<OnceLock<Arc<AppState>>>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let mut registry = optout_telemetry::metrics::Registry::default();
+    observability.writer.register(&mut registry);
+    observability.consumers.register(&mut registry);
+    let observability = observability.clone();
+    let state_cell = Arc::clone(state_cell);
+    let refresh: optout_telemetry::metrics::Refresh = Arc::new(move || {
+        let observability = observability.clone();
+        let state_cell = Arc::clone(&state_cell);
+        Box::pin(async move {
+            let Some(state) = state_cell.get() else {
+                return;
+            };
+            observability
+                .writer
+                .refresh(state.writer.salesforce.limits());
+            let queues: Vec<String> = state
+                .writer
+                .topology
+                .persons_dirty_queues()
+                .into_iter()
+                .flat_map(|queue| [state.writer.topology.dead_letter_queue(&queue), queue])
+                .collect();
+            observability
+                .consumers
+                .refresh_depths(&state.amqp, &queues)
+                .await;
+        })
+    });
+    optout_telemetry::metrics::serve(listener, Arc::new(registry), Some(refresh), stop)
 }
 
 /// What start-up connects to.
@@ -208,11 +338,12 @@ struct Dependencies {
 /// may start after us under compose or Kubernetes); configuration errors end start-up at once.
 async fn connect_with_retry(
     config: &Config,
+    observability: &Observability,
     shutdown: &CancellationToken,
 ) -> Result<Option<Dependencies>> {
     let mut attempt: u32 = 0;
     loop {
-        match connect(config).await {
+        match connect(config, observability).await {
             Ok(dependencies) => return Ok(Some(dependencies)),
             Err(error @ (Error::Config(_) | Error::Migrate(_))) => return Err(error),
             Err(error) => {
@@ -228,7 +359,7 @@ async fn connect_with_retry(
     }
 }
 
-async fn connect(config: &Config) -> Result<Dependencies> {
+async fn connect(config: &Config, observability: &Observability) -> Result<Dependencies> {
     let store = Store::connect(&config.database_url, &config.writer_schema()).await?;
     let topology = config.topology();
     let amqp = optout_amqp::connect(secrecy::ExposeSecret::expose_secret(&config.amqp_url)).await?;
@@ -250,7 +381,8 @@ async fn connect(config: &Config) -> Result<Dependencies> {
     };
     let dlq_publisher = Publisher::new(&amqp, default_exchange).await?;
 
-    let salesforce = optout_salesforce::SalesforceClient::new(config.salesforce_config()?)?;
+    let salesforce = optout_salesforce::SalesforceClient::new(config.salesforce_config()?)?
+        .with_api_calls(observability.writer.api_calls.clone());
     // Needs a token, so this also proves the credentials work.
     let person_accounts = salesforce.has_person_accounts().await?;
     let objects: Vec<SfObject> = SfObject::ALL
@@ -271,7 +403,12 @@ async fn connect(config: &Config) -> Result<Dependencies> {
         // Lazy: the evaluator may start after us; calls fail (and messages retry) until it is up.
         .connect_lazy();
     let decisions =
-        DecisionsClient::with_interceptor(evaluator_channel, AttachBearer::new(&evaluator_token)?);
+        DecisionsClient::with_interceptor(
+            evaluator_channel,
+            WithTrace(AttachBearer::new(&evaluator_token).map_err(|error| {
+                Error::Config(format!("invalid OPTOUT_EVALUATOR_TOKEN: {error}"))
+            })?),
+        );
 
     let writer = Arc::new(Writer::new(
         salesforce,
@@ -283,6 +420,7 @@ async fn connect(config: &Config) -> Result<Dependencies> {
         objects,
         person_accounts,
         config.bulk_threshold,
+        Arc::clone(&observability.writer),
     ));
     poll::initialize_watermarks(&writer).await?;
     Ok(Dependencies { writer, amqp })
@@ -292,9 +430,12 @@ async fn start_and_work(
     config: &Config,
     state_cell: &OnceLock<Arc<AppState>>,
     health: &tonic_health::server::HealthReporter,
+    observability: &Observability,
     shutdown: &CancellationToken,
 ) -> Result<()> {
-    let Some(Dependencies { writer, amqp }) = connect_with_retry(config, shutdown).await? else {
+    let Some(Dependencies { writer, amqp }) =
+        connect_with_retry(config, observability, shutdown).await?
+    else {
         return Ok(());
     };
     let topology = writer.topology.clone();
@@ -324,20 +465,29 @@ async fn start_and_work(
             config.clone(),
             topology.clone(),
             queue,
+            observability.consumers.clone(),
+        ));
+    }
+    if let Some(auto) = auto_optout::AutoOptOut::new(&config.auto_optout, &config.admin_token)? {
+        let period = config.poll_interval().unwrap_or(Duration::from_secs(60));
+        tasks.spawn(auto_optout::run_loop(
+            Arc::clone(&writer),
+            auto,
+            period,
+            state.paused.subscribe(),
+            shutdown.clone(),
         ));
     }
     if let Some(interval) = config.poll_interval() {
         tasks.spawn(poll_loop(Arc::clone(&state), interval));
     }
     tasks.spawn(health_loop(Arc::clone(&state), health.clone()));
-    health.set_service_status("", ServingStatus::Serving).await;
+    optout_service::health::set_all(health, &HEALTH_SERVICES, ServingStatus::Serving).await;
     tracing::info!("salesforce-writer serving");
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: no new deliveries, finishing the batch in hand");
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    optout_service::health::set_all(health, &HEALTH_SERVICES, ServingStatus::NotServing).await;
     tasks.close();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
@@ -355,6 +505,7 @@ async fn consume_partition(
     config: Config,
     topology: Topology,
     queue: String,
+    metrics: ConsumerMetrics,
 ) {
     let mut failures: u32 = 0;
     loop {
@@ -366,11 +517,12 @@ async fn consume_partition(
             in_flight: Arc::clone(&state.in_flight),
         };
         let writer = Arc::clone(&state.writer);
-        let result = optout_amqp::consume::<PersonsDirty, _, _>(
+        let result = optout_amqp::consume_with_metrics::<PersonsDirty, _, _>(
             &state.amqp,
             &topology,
             &queue,
             options,
+            metrics.clone(),
             state.shutdown.clone(),
             move |messages| {
                 let writer = Arc::clone(&writer);
@@ -435,7 +587,7 @@ async fn health_loop(state: Arc<AppState>, health: tonic_health::server::HealthR
             } else {
                 ServingStatus::NotServing
             };
-            health.set_service_status("", status).await;
+            optout_service::health::set_all(&health, &HEALTH_SERVICES, status).await;
             serving = healthy;
         }
     }

@@ -271,6 +271,40 @@ pub fn read_queries(object: SfObject, emails: &[String], person_accounts: bool) 
     optout_salesforce::soql::chunk_in_clauses(&prefix, emails, &suffix, MAX_SOQL_LEN)
 }
 
+/// The SOQL statement that reads every record of `object` carrying `email`, with the fields an operator
+/// wants to see (`Explain`). Converted Leads are included, flagged by `IsConverted`, since they too carry
+/// the address even though the writer never updates them.
+pub fn records_query(object: SfObject, email: &str, person_accounts: bool) -> String {
+    let mut fields = vec![
+        "Id",
+        "Name",
+        object.email_field(),
+        object.opt_out_field(),
+        "LastModifiedDate",
+        "SystemModstamp",
+    ];
+    let mut conditions = vec![format!(
+        "{} IN {}",
+        object.email_field(),
+        optout_salesforce::soql::in_list([email])
+    )];
+    match object {
+        SfObject::Lead => fields.push("IsConverted"),
+        other => conditions.extend(
+            other
+                .scope_conditions(person_accounts)
+                .into_iter()
+                .map(str::to_owned),
+        ),
+    }
+    format!(
+        "SELECT {} FROM {} WHERE {}",
+        fields.join(", "),
+        object.sobject(),
+        conditions.join(" AND ")
+    )
+}
+
 /// A SOQL dateTime literal (unquoted, whole seconds, UTC).
 pub fn soql_datetime(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Secs, true)

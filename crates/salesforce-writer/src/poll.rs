@@ -19,6 +19,8 @@ pub(crate) struct PollReport {
     pub(crate) scanned: usize,
     pub(crate) changes: usize,
     pub(crate) written: usize,
+    /// In a dry run, what would have been written.
+    pub(crate) planned: Vec<plan::Change>,
 }
 
 /// Sets the watermark of every object that has none to now, without scanning: on a first start
@@ -103,6 +105,7 @@ async fn poll_object(
         let applied = writer.apply(&emails, &options).await?;
         report.changes += applied.changes;
         report.written += applied.written;
+        report.planned.extend(applied.planned);
         settled &= applied.retry.is_empty();
     }
     // Records that stayed locked are found again next cycle only if the watermark stays put.

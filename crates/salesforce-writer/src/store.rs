@@ -16,6 +16,21 @@ pub(crate) struct AuditEntry {
     pub(crate) trace_id: Option<String>,
 }
 
+/// One stored audit row.
+#[derive(Clone, Debug)]
+pub(crate) struct AuditRow {
+    pub(crate) id: i64,
+    pub(crate) email: String,
+    pub(crate) object: String,
+    pub(crate) record_id: String,
+    pub(crate) old_value: bool,
+    pub(crate) new_value: bool,
+    pub(crate) reason: String,
+    pub(crate) trigger: String,
+    pub(crate) trace_id: Option<String>,
+    pub(crate) written_at: DateTime<Utc>,
+}
+
 /// Handle on the writer's schema.
 #[derive(Clone, Debug)]
 pub(crate) struct Store {
@@ -90,6 +105,34 @@ impl Store {
         Ok(())
     }
 
+    /// The audit rows of `email`, oldest first, at most `limit`.
+    pub(crate) async fn audit_trail(&self, email: &str, limit: i64) -> Result<Vec<AuditRow>> {
+        let rows = sqlx::query(
+            "SELECT id, email, object, record_id, old_value, new_value, reason, \"trigger\", trace_id, written_at \
+             FROM audit_log WHERE email = $1 ORDER BY id LIMIT $2",
+        )
+        .bind(email)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditRow {
+                    id: row.try_get("id")?,
+                    email: row.try_get("email")?,
+                    object: row.try_get("object")?,
+                    record_id: row.try_get("record_id")?,
+                    old_value: row.try_get("old_value")?,
+                    new_value: row.try_get("new_value")?,
+                    reason: row.try_get("reason")?,
+                    trigger: row.try_get("trigger")?,
+                    trace_id: row.try_get("trace_id")?,
+                    written_at: row.try_get("written_at")?,
+                })
+            })
+            .collect()
+    }
+
     /// The poll watermark of `object`, if one was stored.
     pub(crate) async fn watermark(&self, object: SfObject) -> Result<Option<DateTime<Utc>>> {
         let row = sqlx::query("SELECT watermark FROM sf_watermarks WHERE object = $1")
@@ -120,6 +163,11 @@ impl Store {
     pub(crate) async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// The pool (the writer's schema), for the automated opt-out's own statements.
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Closes the pool.

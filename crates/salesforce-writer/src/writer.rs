@@ -3,6 +3,7 @@
 //! them, acknowledge applied opt-in evidence, and re-check that no decision moved meanwhile.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -15,7 +16,12 @@ use serde_json::Value;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::auth::AttachBearer;
+use chrono::{DateTime, Utc};
+use optout_service::AttachBearer;
+use optout_telemetry::grpc::WithTrace;
+use tracing::Instrument as _;
+
+use crate::metrics::WriterMetrics;
 use crate::plan::{self, COLLECTION_LIMIT, Change, CurrentRecord, SfObject, Target};
 use crate::store::{AuditEntry, Store};
 use crate::{Error, Result};
@@ -28,7 +34,10 @@ const PERSONS_DIRTY_TYPE: &str = "optout.queue.v1.PersonsDirty";
 const RECORD_RETRIES: u32 = 3;
 
 /// The evaluator client with the bearer token attached.
-pub(crate) type Decisions = DecisionsClient<InterceptedService<Channel, AttachBearer>>;
+pub(crate) type Decisions = DecisionsClient<InterceptedService<Channel, WithTrace<AttachBearer>>>;
+
+/// The gRPC service name of the evaluator's decisions, for client spans.
+const DECISIONS_SERVICE: &str = "optout.evaluator.v1.Decisions";
 
 /// What asked for a write; stored in the audit log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +78,8 @@ pub(crate) struct ApplyReport {
     pub(crate) changes: usize,
     /// Records written.
     pub(crate) written: usize,
+    /// In a dry run, the changes that would have been written.
+    pub(crate) planned: Vec<Change>,
 }
 
 /// Cumulative counters reported by GetStatus.
@@ -187,6 +198,7 @@ pub(crate) struct Writer {
     pub(crate) person_accounts: bool,
     pub(crate) bulk_threshold: usize,
     pub(crate) counters: Counters,
+    pub(crate) metrics: Arc<WriterMetrics>,
     busy: AtomicU64,
 }
 
@@ -202,6 +214,7 @@ impl Writer {
         objects: Vec<SfObject>,
         person_accounts: bool,
         bulk_threshold: usize,
+        metrics: Arc<WriterMetrics>,
     ) -> Self {
         Self {
             salesforce,
@@ -214,6 +227,7 @@ impl Writer {
             person_accounts,
             bulk_threshold,
             counters: Counters::new(),
+            metrics,
             busy: AtomicU64::new(0),
         }
     }
@@ -294,6 +308,10 @@ impl Writer {
                 .decide(DecideRequest {
                     emails: chunk.to_vec(),
                 })
+                .instrument(optout_telemetry::grpc::client_span(
+                    DECISIONS_SERVICE,
+                    "Decide",
+                ))
                 .await
                 .map_err(|status| Error::Evaluator(Box::new(status)))?;
             decisions.extend(response.into_inner().decisions);
@@ -329,7 +347,26 @@ impl Writer {
                     "dry run: would write"
                 );
             }
+            report.planned = changes;
             return Ok(report);
+        }
+        // The opt-out clock: when each opt-out became effective in Mailchimp, for the latency histogram
+        // and the oldest-unwritten gauge.
+        let opted_out_at: HashMap<String, DateTime<Utc>> = decisions
+            .iter()
+            .filter_map(|decision| {
+                let time = decision.opted_out_at.as_ref()?;
+                let time = DateTime::<Utc>::from_timestamp(
+                    time.seconds,
+                    u32::try_from(time.nanos).unwrap_or(0),
+                )?;
+                Some((plan::normalize_email(&decision.email), time))
+            })
+            .collect();
+        for change in changes.iter().filter(|change| change.new) {
+            if let Some(time) = opted_out_at.get(&change.email) {
+                self.metrics.opt_out_in_hand(&change.email, *time);
+            }
         }
         let outcomes = self.write(&changes).await?;
 
@@ -340,6 +377,12 @@ impl Writer {
             match outcome {
                 RecordOutcome::Written => {
                     self.counters.add(change.object.written_counter(), 1);
+                    let opt_out_time = if change.new {
+                        opted_out_at.get(&change.email).copied()
+                    } else {
+                        None
+                    };
+                    self.metrics.written(change.object.sobject(), opt_out_time);
                     report.written += 1;
                     written_emails.insert(change.email.clone());
                     audit.push(AuditEntry {
@@ -361,9 +404,15 @@ impl Writer {
                     message,
                 } => {
                     self.counters.add("write_failures", 1);
+                    self.metrics.failed(change.object.sobject(), status_code);
                     unsettled.insert(change.email.clone());
                     self.dead_letter(change, status_code, message).await?;
                 }
+            }
+        }
+        for email in &written_emails {
+            if !unsettled.contains(email) {
+                self.metrics.settled(email);
             }
         }
         // Audit before acknowledging anything, so a crash here replays rather than forgets.
@@ -548,6 +597,10 @@ impl Writer {
                 email: target.email.clone(),
                 opt_in_evidence_id: target.evidence_id,
             })
+            .instrument(optout_telemetry::grpc::client_span(
+                DECISIONS_SERVICE,
+                "AckOptIn",
+            ))
             .await
             .map_err(|status| Error::Evaluator(Box::new(status)))?;
         if !response.into_inner().cleared {

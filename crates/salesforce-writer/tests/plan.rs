@@ -18,6 +18,7 @@ fn decision(email: &str, decision: Decision, evidence: i64) -> PersonDecision {
         version: 7,
         opt_in_evidence_id: evidence,
         rule: format!("rule for {email}"),
+        ..PersonDecision::default()
     }
 }
 
@@ -107,6 +108,7 @@ fn any_decision() -> impl Strategy<Value = PersonDecision> {
             version,
             opt_in_evidence_id: evidence,
             rule: String::new(),
+            ..PersonDecision::default()
         })
 }
 

@@ -62,6 +62,7 @@ impl FakeDecisions {
                 version,
                 opt_in_evidence_id: evidence,
                 rule: format!("test rule {decision:?}"),
+                ..PersonDecision::default()
             },
         );
     }
@@ -109,6 +110,7 @@ impl Decisions for FakeDecisions {
                     version: 0,
                     opt_in_evidence_id: 0,
                     rule: "no members".to_owned(),
+                    ..PersonDecision::default()
                 });
             decisions.push(decision);
             if state.move_once.get(&email) == Some(&true) {
@@ -179,6 +181,7 @@ struct TestApp {
     shutdown: CancellationToken,
     writer: Option<tokio::task::JoinHandle<optout_salesforce_writer::Result<()>>>,
     fake_stop: CancellationToken,
+    config: Config,
 }
 
 impl TestApp {
@@ -247,6 +250,7 @@ impl TestApp {
         ];
         args.extend_from_slice(extra_args);
         let config = Config::try_parse_from_args(args)?;
+        let kept_config = config.clone();
         let topology = config.topology();
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let writer_address = listener.local_addr()?;
@@ -280,6 +284,7 @@ impl TestApp {
             shutdown,
             writer: Some(writer),
             fake_stop,
+            config: kept_config,
         };
         app.wait_until_ready().await?;
         // The publisher was made before the writer declared the topology; that is fine since
@@ -861,5 +866,599 @@ async fn person_accounts_are_written_through_the_account() -> Result<()> {
         .collect();
     objects.sort();
     assert_eq!(objects, ["Contact", "PersonAccount"]);
+    app.stop().await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations: dry run, dead letters, Records, pause/resume, graceful shutdown
+// ---------------------------------------------------------------------------------------------
+
+type Records = optout_proto::writer::v1::records_client::RecordsClient<
+    tonic::service::interceptor::InterceptedService<Channel, Bearer>,
+>;
+
+impl TestApp {
+    fn records_client(&self) -> Result<Records> {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.writer_address))?
+                .connect_lazy();
+        Ok(
+            optout_proto::writer::v1::records_client::RecordsClient::with_interceptor(
+                channel, Bearer,
+            ),
+        )
+    }
+
+    async fn set_faults(&self, faults: Value) -> Result<()> {
+        self.http
+            .put(format!("{}/faults", self.control_url))
+            .json(&faults)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// Stops the writer as SIGTERM would (the signal handler only cancels this token) and waits for it.
+    async fn stop_writer(&mut self) -> Result<()> {
+        self.shutdown.cancel();
+        if let Some(writer) = self.writer.take() {
+            tokio::time::timeout(DEADLINE, writer)
+                .await
+                .context("writer did not stop within the deadline")???;
+        }
+        Ok(())
+    }
+
+    /// Starts a new writer on the same schema and queues.
+    async fn restart(&mut self) -> Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        self.writer_address = listener.local_addr()?;
+        self.shutdown = CancellationToken::new();
+        self.writer = Some(tokio::spawn(optout_salesforce_writer::serve(
+            self.config.clone(),
+            listener,
+            self.shutdown.clone(),
+        )));
+        self.admin = connect_admin(self.writer_address).await?;
+        self.wait_until_ready().await
+    }
+
+    /// Messages waiting in the `persons.dirty` queues (not their DLQs), read from the broker directly.
+    async fn queued(&self) -> Result<u64> {
+        let channel = self.amqp.create_channel().await?;
+        let mut total = 0;
+        for queue in self.topology.persons_dirty_queues() {
+            total += optout_amqp::queue_depth(&channel, &queue).await?.0;
+        }
+        drop(channel.close(200, "depth read".into()).await);
+        Ok(total)
+    }
+
+    /// Emails whose every writable record is checked.
+    async fn checked(&self, emails: &[String]) -> Result<Vec<String>> {
+        let mut checked = Vec::new();
+        for email in emails {
+            let records = self.records(email).await?;
+            if !records.is_empty() && records.iter().all(|record| opted_out(record) == Some(true)) {
+                checked.push(email.clone());
+            }
+        }
+        Ok(checked)
+    }
+
+    /// Puts a `PersonsDirty` for `email` straight into its partition's dead-letter queue, as the writer does
+    /// with a record Salesforce rejects for good.
+    async fn dead_letter(&self, email: &str, reason: &str) -> Result<()> {
+        let partition = self.topology.partition_for(email);
+        let queue = self.topology.persons_dirty_queue(partition);
+        let default_exchange = Topology {
+            exchange: String::new(),
+            ..self.topology.clone()
+        };
+        let publisher = Publisher::new(&self.amqp, default_exchange).await?;
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            optout_amqp::REASON_HEADER.into(),
+            lapin::types::AMQPValue::LongString(reason.into()),
+        );
+        headers.insert(
+            optout_amqp::ORIGINAL_ROUTING_KEY_HEADER.into(),
+            lapin::types::AMQPValue::LongString(
+                self.topology
+                    .persons_dirty_routing_key(partition)
+                    .as_str()
+                    .into(),
+            ),
+        );
+        publisher
+            .publish_typed(
+                &self.topology.dead_letter_queue(&queue),
+                "optout.queue.v1.PersonsDirty",
+                &PersonsDirty {
+                    emails: vec![email.to_owned()],
+                    reason: "test".to_owned(),
+                },
+                headers,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Waits until the last triggered poll cycle finished.
+    async fn wait_run_finished(&mut self, run_id: &str) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let status = self.status().await?;
+            if status.last_run_id == run_id && status.last_run_finished {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("run {run_id} never finished: {status:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn contacts_and_leads(&self, emails: &[String]) -> Result<()> {
+        for email in emails {
+            self.create(
+                "Contact",
+                json!({"LastName": "C", "Email": email, "HasOptedOutOfEmail": false}),
+            )
+            .await?;
+            self.create(
+                "Lead",
+                json!({"LastName": "L", "Company": "X", "Email": email, "HasOptedOutOfEmail": false}),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_reports_what_the_full_reconcile_then_writes_and_writes_nothing() -> Result<()> {
+    let mut app = TestApp::spawn(false).await?;
+    let people: Vec<String> = (0..3)
+        .map(|index| format!("dry{index}@example.com"))
+        .collect();
+    app.contacts_and_leads(&people).await?;
+    for email in &people {
+        app.fake.set(email, Decision::OptOut, 0);
+    }
+    // Subscribed, with evidence: a reconcile never unchecks, so it must not show up in the report either.
+    app.create(
+        "Contact",
+        json!({"LastName": "S", "Email": "subscribed@example.com", "HasOptedOutOfEmail": true}),
+    )
+    .await?;
+    app.fake.set("subscribed@example.com", Decision::OptIn, 5);
+    // No decision: nothing to do.
+    app.create(
+        "Contact",
+        json!({"LastName": "N", "Email": "nobody@example.com", "HasOptedOutOfEmail": false}),
+    )
+    .await?;
+
+    let before = app.salesforce_calls().await?;
+    let response = app
+        .admin
+        .trigger_sync(TriggerSyncRequest {
+            audience_ids: vec![],
+            full: true,
+            dry_run: true,
+        })
+        .await?
+        .into_inner();
+    let report = response.dry_run_report.context("no dry-run report")?;
+    let counts: Vec<(String, u64, u64)> = report
+        .objects
+        .iter()
+        .map(|object| {
+            (
+                object.object.clone(),
+                object.would_check,
+                object.would_uncheck,
+            )
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        [("Contact".to_owned(), 3, 0), ("Lead".to_owned(), 3, 0)],
+        "{report:?}"
+    );
+    assert!(report.records_scanned >= 7, "{report:?}");
+    let mut reported: Vec<(String, String)> = report
+        .objects
+        .iter()
+        .flat_map(|object| {
+            object.examples.iter().map(|example| {
+                assert!(example.new_value && !example.old_value, "{example:?}");
+                (object.object.clone(), example.record_id.clone())
+            })
+        })
+        .collect();
+    reported.sort();
+
+    // Written nothing: no composite or bulk call, no audit row, every box as it was.
+    let after = app.salesforce_calls().await?;
+    for (endpoint, count) in &after {
+        if endpoint.contains("composite") || endpoint.contains("jobs/ingest") {
+            assert_eq!(
+                Some(count),
+                before.get(endpoint),
+                "dry run wrote via {endpoint}"
+            );
+        }
+    }
+    for email in &people {
+        assert!(app.audit_rows(email).await?.is_empty());
+        assert!(
+            app.records(email)
+                .await?
+                .iter()
+                .all(|record| opted_out(record) == Some(false))
+        );
+    }
+
+    // The real full reconcile writes exactly what was reported.
+    let run_id = app
+        .admin
+        .trigger_sync(TriggerSyncRequest {
+            audience_ids: vec![],
+            full: true,
+            dry_run: false,
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    app.wait_run_finished(&run_id).await?;
+    let written: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT object, record_id FROM \"{}\".audit_log ORDER BY object, record_id",
+        app.schema
+    )))
+    .fetch_all(&app.database)
+    .await?;
+    assert_eq!(written, reported);
+    wait_for_value(
+        &app,
+        &people.iter().map(String::as_str).collect::<Vec<_>>(),
+        true,
+    )
+    .await?;
+    assert!(
+        app.records("subscribed@example.com")
+            .await?
+            .iter()
+            .all(|record| opted_out(record) == Some(true))
+    );
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_replayed_one_or_all_and_purged_ending_in_the_right_state()
+-> Result<()> {
+    use optout_proto::admin::v1::{
+        ListDeadLettersRequest, PurgeDeadLettersRequest, ReplayDeadLettersRequest,
+    };
+    let mut app = TestApp::spawn(false).await?;
+    let emails: Vec<String> = (0..3)
+        .map(|index| format!("dlq{index}@example.com"))
+        .collect();
+    app.contacts_and_leads(&emails).await?;
+    for email in &emails {
+        app.fake.set(email, Decision::OptOut, 0);
+        app.dead_letter(email, "INVALID_FIELD: test rejection")
+            .await?;
+    }
+
+    let listed = app
+        .admin
+        .list_dead_letters(ListDeadLettersRequest { limit: 0 })
+        .await?
+        .into_inner()
+        .dead_letters;
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed.iter().all(
+        |dead_letter| dead_letter.reason == "INVALID_FIELD: test rejection"
+            && dead_letter.routing_key.starts_with("persons.dirty.")
+            && dead_letter.queue.contains("persons.dirty.")
+    ));
+    // Listing takes nothing away, and nothing was written meanwhile.
+    assert_eq!(
+        app.admin
+            .list_dead_letters(ListDeadLettersRequest { limit: 1 })
+            .await?
+            .into_inner()
+            .dead_letters
+            .len(),
+        1
+    );
+    assert!(app.checked(&emails).await?.is_empty());
+
+    // Replay one by id: only that person is written.
+    let first = listed[0].message_id.clone();
+    let replayed = app
+        .admin
+        .replay_dead_letters(ReplayDeadLettersRequest {
+            message_ids: vec![first],
+            all: false,
+        })
+        .await?
+        .into_inner()
+        .replayed;
+    assert_eq!(replayed, 1);
+    app.wait_idle().await?;
+    let left = app
+        .admin
+        .list_dead_letters(ListDeadLettersRequest { limit: 0 })
+        .await?
+        .into_inner()
+        .dead_letters;
+    assert_eq!(left.len(), 2);
+    assert_eq!(app.checked(&emails).await?.len(), 1);
+
+    // Replay all.
+    let replayed = app
+        .admin
+        .replay_dead_letters(ReplayDeadLettersRequest {
+            message_ids: vec![],
+            all: true,
+        })
+        .await?
+        .into_inner()
+        .replayed;
+    assert_eq!(replayed, 2);
+    wait_for_value(
+        &app,
+        &emails.iter().map(String::as_str).collect::<Vec<_>>(),
+        true,
+    )
+    .await?;
+    for email in &emails {
+        assert_eq!(app.audit_rows(email).await?.len(), 2, "{email}");
+    }
+
+    // Purge.
+    app.dead_letter("gone@example.com", "poison").await?;
+    let purged = app
+        .admin
+        .purge_dead_letters(PurgeDeadLettersRequest {})
+        .await?
+        .into_inner()
+        .purged;
+    assert_eq!(purged, 1);
+    assert!(
+        app.admin
+            .list_dead_letters(ListDeadLettersRequest { limit: 0 })
+            .await?
+            .into_inner()
+            .dead_letters
+            .is_empty()
+    );
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_for_and_audit_trail_show_salesforce_now_and_every_write() -> Result<()> {
+    use optout_proto::writer::v1::{AuditTrailRequest, RecordsForRequest};
+    let mut app = TestApp::spawn(false).await?;
+    let email = "Explained@Example.com";
+    let contact = app
+        .create(
+            "Contact",
+            json!({"LastName": "C", "Email": email, "HasOptedOutOfEmail": false}),
+        )
+        .await?;
+    app.create(
+        "Lead",
+        json!({"LastName": "L", "Company": "X", "Email": email, "HasOptedOutOfEmail": false}),
+    )
+    .await?;
+    app.fake.set("explained@example.com", Decision::OptOut, 0);
+    app.publish(&["explained@example.com"]).await?;
+    wait_for_value(&app, &["explained@example.com"], true).await?;
+    app.wait_idle().await?;
+
+    let mut records = app.records_client()?;
+    let found = records
+        .records_for(RecordsForRequest {
+            email: " EXPLAINED@example.com ".to_owned(),
+        })
+        .await?
+        .into_inner()
+        .records;
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(
+        found
+            .iter()
+            .all(|record| record.opted_out && record.email == "explained@example.com")
+    );
+    let found_contact = found
+        .iter()
+        .find(|record| record.id == contact)
+        .context("contact")?;
+    assert_eq!(found_contact.object, "Contact");
+    assert_eq!(
+        found_contact
+            .fields
+            .get("HasOptedOutOfEmail")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert!(
+        found_contact.fields.contains_key("LastModifiedDate"),
+        "{found_contact:?}"
+    );
+
+    let trail = records
+        .audit_trail(AuditTrailRequest {
+            email: "explained@example.com".to_owned(),
+            limit: 0,
+        })
+        .await?
+        .into_inner()
+        .entries;
+    assert_eq!(trail.len(), 2, "{trail:?}");
+    assert!(trail.iter().all(|entry| !entry.old_value
+        && entry.new_value
+        && entry.trigger == "mailchimp"
+        && entry.written_at.is_some()));
+
+    // The token guards Records like Admin.
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", app.writer_address))?
+            .connect_lazy();
+    let denied = optout_proto::writer::v1::records_client::RecordsClient::new(channel)
+        .audit_trail(AuditTrailRequest {
+            email: "explained@example.com".to_owned(),
+            limit: 0,
+        })
+        .await
+        .expect_err("no token");
+    assert_eq!(denied.code(), tonic::Code::Unauthenticated);
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_under_load_stops_writes_and_resuming_finishes_them_once_each() -> Result<()> {
+    use optout_proto::admin::v1::{PauseRequest, ResumeRequest};
+    let mut app = TestApp::spawn(false).await?;
+    let emails: Vec<String> = (0..120)
+        .map(|index| format!("load{index}@example.com"))
+        .collect();
+    for email in &emails {
+        app.create(
+            "Contact",
+            json!({"LastName": "C", "Email": email, "HasOptedOutOfEmail": false}),
+        )
+        .await?;
+        app.fake.set(email, Decision::OptOut, 0);
+    }
+    // Slow Salesforce so that work is in flight when the pause lands.
+    app.set_faults(json!({"salesforce": {"latency_ms": 40}}))
+        .await?;
+    for chunk in emails.chunks(4) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        app.publish(&refs).await?;
+    }
+    // Pause once some, not all, are written.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while app.checked(&emails[..10]).await?.is_empty() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("nothing was written before the pause");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(app.admin.pause(PauseRequest {}).await?.into_inner().paused);
+    // The batch in hand finishes; then nothing more is taken.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let status = app.status().await?;
+        if status.paused && status.in_flight == 0 && !status.busy {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("writer never settled after pause: {status:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let written_at_pause = app.checked(&emails).await?.len();
+    let queued_at_pause = app.queued().await?;
+    // Paused: a few more polls see no progress and the queues keep their messages.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(app.queued().await?, queued_at_pause);
+    }
+    assert_eq!(app.checked(&emails).await?.len(), written_at_pause);
+    assert!(
+        queued_at_pause > 0,
+        "everything was written before the pause took effect"
+    );
+
+    assert!(
+        !app.admin
+            .resume(ResumeRequest {})
+            .await?
+            .into_inner()
+            .paused
+    );
+    wait_for_value(
+        &app,
+        &emails.iter().map(String::as_str).collect::<Vec<_>>(),
+        true,
+    )
+    .await?;
+    app.wait_idle().await?;
+    for email in &emails {
+        assert_eq!(
+            app.audit_rows(email).await?.len(),
+            1,
+            "{email} written more or less than once"
+        );
+    }
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_messages_in_flight_loses_none_and_redelivers_none_already_applied()
+-> Result<()> {
+    let mut app = TestApp::spawn(false).await?;
+    let emails: Vec<String> = (0..60)
+        .map(|index| format!("term{index}@example.com"))
+        .collect();
+    for email in &emails {
+        app.create(
+            "Contact",
+            json!({"LastName": "C", "Email": email, "HasOptedOutOfEmail": false}),
+        )
+        .await?;
+        app.fake.set(email, Decision::OptOut, 0);
+    }
+    app.set_faults(json!({"salesforce": {"latency_ms": 60}}))
+        .await?;
+    // One message per email, so messages left in the queues and emails written can be matched up.
+    for email in &emails {
+        app.publish(&[email.as_str()]).await?;
+    }
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let status = app.status().await?;
+        if status.in_flight > 0 {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no delivery ever in flight: {status:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.stop_writer().await?;
+
+    let applied = app.checked(&emails).await?;
+    let queued = app.queued().await?;
+    // Every message is either applied (and acked) or still queued: none lost, none applied and kept.
+    assert_eq!(
+        applied.len() as u64 + queued,
+        emails.len() as u64,
+        "{} applied, {queued} still queued",
+        applied.len()
+    );
+    assert!(
+        queued > 0,
+        "everything finished before the shutdown; the test proves nothing"
+    );
+
+    app.restart().await?;
+    wait_for_value(
+        &app,
+        &emails.iter().map(String::as_str).collect::<Vec<_>>(),
+        true,
+    )
+    .await?;
+    app.wait_idle().await?;
+    for email in &emails {
+        assert_eq!(app.audit_rows(email).await?.len(), 1, "{email}");
+    }
     app.stop().await
 }

@@ -1,10 +1,15 @@
 //! Getting an access token: OAuth 2.0 client credentials or JWT bearer against
 //! `{login_url}/services/oauth2/token`.
 
+use optout_telemetry::metrics::ApiCalls;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 use crate::{Auth, Error, Result, SalesforceConfig};
+
+/// The OAuth 2.0 token endpoint under the login URL.
+const TOKEN_PATH: &str = "/services/oauth2/token";
 
 /// How long a JWT assertion is valid; Salesforce allows at most 3 minutes.
 const ASSERTION_LIFETIME_SECS: i64 = 180;
@@ -35,11 +40,9 @@ struct OAuthError {
 pub(crate) async fn fetch_token(
     http: &reqwest::Client,
     config: &SalesforceConfig,
+    api_calls: &ApiCalls,
 ) -> Result<(SecretString, String)> {
-    let url = format!(
-        "{}/services/oauth2/token",
-        config.login_url.trim_end_matches('/')
-    );
+    let url = format!("{}{TOKEN_PATH}", config.login_url.trim_end_matches('/'));
     let form: Vec<(&str, String)> = match &config.auth {
         Auth::ClientCredentials {
             client_id,
@@ -79,13 +82,26 @@ pub(crate) async fn fetch_token(
             ]
         }
     };
-    let response = http
+    let span = optout_telemetry::http::client_span("POST", &url, TOKEN_PATH);
+    let endpoint = format!("POST {TOKEN_PATH}");
+    let response = match http
         .post(&url)
+        .headers(span.in_scope(optout_telemetry::http::trace_headers))
         .form(&form)
         .send()
+        .instrument(span.clone())
         .await
-        .map_err(|error| Error::Transport(error.without_url()))?;
+    {
+        Ok(response) => response,
+        Err(error) => {
+            optout_telemetry::http::record_error(&span, "transport");
+            api_calls.record(crate::API, &endpoint, "error");
+            return Err(Error::Transport(error.without_url()));
+        }
+    };
     let status = response.status();
+    optout_telemetry::http::record_status(&span, status.as_u16());
+    api_calls.record(crate::API, &endpoint, status.as_str());
     let bytes = response
         .bytes()
         .await

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::Stream;
+use optout_telemetry::{http, metrics::ApiCalls};
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
@@ -22,8 +23,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 pub use error::{Error, Result};
+
+/// The `api` label of this client's calls in `optout_api_calls_total`.
+pub const API: &str = "salesforce";
 
 /// Most records per sObject Collections request.
 pub const MAX_COLLECTION_RECORDS: usize = 200;
@@ -220,6 +225,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct SalesforceClient {
     inner: Arc<Inner>,
+    api_calls: ApiCalls,
 }
 
 impl std::fmt::Debug for SalesforceClient {
@@ -293,7 +299,19 @@ impl SalesforceClient {
                 usage: Mutex::new(None),
                 permits,
             }),
+            api_calls: ApiCalls::default(),
         })
+    }
+
+    /// The per-endpoint call counts of this client (and its clones), for a service's metrics registry.
+    pub fn api_calls(&self) -> ApiCalls {
+        self.api_calls.clone()
+    }
+
+    /// Counts this client's calls in `api_calls` (e.g. a family already in a service's registry).
+    pub fn with_api_calls(mut self, api_calls: ApiCalls) -> Self {
+        self.api_calls = api_calls;
+        self
     }
 
     /// The API usage reported by the last response that carried `Sforce-Limit-Info`.
@@ -496,7 +514,7 @@ impl SalesforceClient {
             return Ok(session.clone());
         }
         let (access_token, instance_url) =
-            auth::fetch_token(&self.inner.http, &self.inner.config).await?;
+            auth::fetch_token(&self.inner.http, &self.inner.config, &self.api_calls).await?;
         let session = Arc::new(Session {
             access_token,
             instance_url,
@@ -572,10 +590,18 @@ impl SalesforceClient {
                 session.instance_url, self.inner.config.api_version
             )
         };
+        // The template keeps the endpoint label and span name low-cardinality (no job ids or cursors).
+        let relative = match path.strip_prefix("/services/data/") {
+            Some(versioned) => versioned.split_once('/').map_or("", |(_, rest)| rest),
+            None => path,
+        };
+        let endpoint = format!("{method} {}", http::path_template(relative));
+        let span = http::client_span(method.as_str(), &url, &http::path_template(relative));
         let mut request = self
             .inner
             .http
             .request(method, &url)
+            .headers(span.in_scope(http::trace_headers))
             .header(
                 AUTHORIZATION,
                 format!("Bearer {}", session.access_token.expose_secret()),
@@ -602,11 +628,24 @@ impl SalesforceClient {
             .acquire()
             .await
             .map_err(|_| Error::Config("client closed".into()))?;
-        let response = request
-            .send()
-            .await
-            .map_err(|error| Error::Transport(error.without_url()))?;
+        let response = match request.send().instrument(span.clone()).await {
+            Ok(response) => response,
+            Err(error) => {
+                http::record_error(
+                    &span,
+                    if error.is_timeout() {
+                        "timeout"
+                    } else {
+                        "transport"
+                    },
+                );
+                self.api_calls.record(API, &endpoint, "error");
+                return Err(Error::Transport(error.without_url()));
+            }
+        };
         let status = response.status();
+        http::record_status(&span, status.as_u16());
+        self.api_calls.record(API, &endpoint, status.as_str());
         self.record_limits(response.headers());
         let bytes = response
             .bytes()

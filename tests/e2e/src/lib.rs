@@ -332,6 +332,17 @@ impl Stack {
         endpoints
     }
 
+    /// The Prometheus `/metrics` address (`host:port`) each live replica announced.
+    pub fn metrics_addresses(&self) -> Vec<(Role, String)> {
+        self.replicas
+            .iter()
+            .filter_map(|replica| {
+                let address = replica.child.as_ref()?.field("metrics");
+                (!address.is_empty()).then_some((replica.role, address))
+            })
+            .collect()
+    }
+
     /// Admin clients on every live replica.
     pub async fn fleet(&self) -> Result<Fleet> {
         Ok(Fleet::connect(&self.endpoints(), &self.settings.admin_token).await?)

@@ -185,14 +185,21 @@ async fn binary_announces_its_grpc_address_and_exits_cleanly_on_sigterm() -> Res
     let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await??
         .context("no stdout line")?;
-    let addr = first
-        .strip_prefix(r#"{"service":"fetcher","grpc":""#)
-        .and_then(|rest| rest.strip_suffix(r#""}"#))
-        .with_context(|| format!("unexpected announcement {first}"))?;
+    // `{"service":"fetcher","grpc":"ADDR","http":"ADDR"}`, service and grpc first.
     ensure!(
-        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
-        "bad address {addr}"
+        first.starts_with(r#"{"service":"fetcher","grpc":""#),
+        "unexpected announcement {first}"
     );
+    let announced: serde_json::Value =
+        serde_json::from_str(&first).with_context(|| format!("unexpected announcement {first}"))?;
+    let addr = announced["grpc"].as_str().context("grpc address")?;
+    let http = announced["http"].as_str().context("http address")?;
+    for addr in [addr, http] {
+        ensure!(
+            addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+            "bad address {addr}"
+        );
+    }
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect()

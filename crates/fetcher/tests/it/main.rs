@@ -2,6 +2,7 @@
 
 mod grpc;
 mod helpers;
+mod realtime;
 
 use std::time::Duration;
 
@@ -217,11 +218,12 @@ async fn skips_an_audience_whose_lease_another_replica_holds() -> Result<()> {
     let audiences = app.audiences();
     let held = audiences[0].clone();
     let mut other_replica = app.pool.acquire().await?;
-    let locked: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('fetcher:' || $1))")
-            .bind(&held)
-            .fetch_one(&mut *other_replica)
-            .await?;
+    let locked: bool = sqlx::query_scalar(
+        "SELECT pg_try_advisory_lock(hashtext('fetcher:' || current_schema() || ':' || $1))",
+    )
+    .bind(&held)
+    .fetch_one(&mut *other_replica)
+    .await?;
     ensure!(locked, "could not take the lease");
 
     let report = app.fetcher().sync_now(SyncRequest::default()).await?;

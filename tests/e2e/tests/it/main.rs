@@ -6,6 +6,7 @@ mod cli;
 mod crashes;
 mod dead_letters;
 mod objects;
+mod observability;
 mod replicas;
 mod rules;
 mod support;
