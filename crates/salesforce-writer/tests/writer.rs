@@ -1404,7 +1404,9 @@ async fn pausing_under_load_stops_writes_and_resuming_finishes_them_once_each() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_with_messages_in_flight_loses_none_and_redelivers_none_already_applied()
 -> Result<()> {
-    let mut app = TestApp::spawn(false).await?;
+    // Batches of two, so the writer holds only a few deliveries at a time and the shutdown lands
+    // with work both in flight and still queued, however fast the machine is.
+    let mut app = TestApp::spawn_with(false, &["--batch-size", "2"]).await?;
     let emails: Vec<String> = (0..60)
         .map(|index| format!("term{index}@example.com"))
         .collect();
