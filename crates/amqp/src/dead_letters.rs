@@ -116,7 +116,7 @@ pub async fn replay(
             .map_err(Error::amqp("confirm.select", &dead_letter_queue))?;
         // Scan only what was there at the start: a replayed message that fails again at once comes back to the
         // DLQ, and must not be replayed twice in one call.
-        let (waiting, _consumers) = queue_depth(&channel, &dead_letter_queue).await?;
+        let waiting = settled_depth(&channel, &dead_letter_queue).await?;
         let mut replayed = 0u32;
         for _ in 0..waiting {
             let Some(message) = get(&channel, &dead_letter_queue).await? else {
@@ -147,6 +147,20 @@ pub async fn replay(
     close(&channel).await;
     close(&publish_channel).await;
     result
+}
+
+/// The ready messages of `queue`. Dead letters that an earlier `list` or `replay` held unacked are
+/// requeued by the broker only after that channel closes, so an empty answer is read again for a
+/// short while: `dlq list` then `dlq replay` must not find the queue empty in between.
+async fn settled_depth(channel: &lapin::Channel, queue: &str) -> Result<u64> {
+    for _ in 0..20 {
+        let (waiting, _consumers) = queue_depth(channel, queue).await?;
+        if waiting > 0 {
+            return Ok(waiting);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(0)
 }
 
 /// Deletes every dead letter of `queue`. Returns how many were removed.
