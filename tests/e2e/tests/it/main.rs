@@ -5,6 +5,7 @@ mod batching;
 mod cli;
 mod crashes;
 mod dead_letters;
+mod migrate_only;
 mod objects;
 mod observability;
 mod replicas;
