@@ -91,12 +91,14 @@ impl MailchimpClient {
                 format!("https://{data_center}.api.mailchimp.com/3.0")
             }
         };
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(config.timeout)
             .pool_max_idle_per_host(config.max_connections.max(1))
-            .user_agent(concat!("optout-mailchimp/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(Error::Transport)?;
+            .user_agent(concat!("optout-mailchimp/", env!("CARGO_PKG_VERSION")));
+        if optout_telemetry::http::is_loopback_url(&base_url) {
+            builder = builder.no_proxy();
+        }
+        let http = builder.build().map_err(Error::Transport)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 http,

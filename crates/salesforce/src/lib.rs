@@ -278,6 +278,10 @@ impl SalesforceClient {
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(config.max_connections);
+        // The instance URL comes from the token response, on the login host's side of any proxy.
+        if optout_telemetry::http::is_loopback_url(&config.login_url) {
+            builder = builder.no_proxy();
+        }
         if let Some(path) = &config.ca_file {
             let pem = std::fs::read(path).map_err(|error| {
                 Error::Config(format!("cannot read ca file {}: {error}", path.display()))

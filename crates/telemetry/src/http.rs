@@ -113,9 +113,40 @@ pub fn record_error(span: &Span, kind: &str) {
     span.record("otel.status_code", "ERROR");
 }
 
+/// Whether `url` names this machine (`localhost`, 127.0.0.0/8, `::1`).
+///
+/// HTTP clients honour `HTTPS_PROXY` and friends, which is what a cluster behind an egress proxy
+/// needs for Mailchimp and Salesforce; but a proxy cannot reach our loopback, so clients built for
+/// a loopback URL (the sandbox, a local collector) must skip it even when `NO_PROXY` forgets them.
+pub fn is_loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_urls_are_recognised() {
+        assert!(is_loopback_url("http://127.0.0.1:4000/3.0"));
+        assert!(is_loopback_url("https://127.8.0.1"));
+        assert!(is_loopback_url("http://[::1]:80/x"));
+        assert!(is_loopback_url("http://LOCALHOST:9"));
+        assert!(!is_loopback_url("https://us6.api.mailchimp.com/3.0"));
+        assert!(!is_loopback_url("https://login.salesforce.com"));
+        assert!(!is_loopback_url("http://10.0.0.1:80"));
+        assert!(!is_loopback_url("not a url"));
+    }
 
     #[test]
     fn templates_replace_ids_and_drop_queries() {

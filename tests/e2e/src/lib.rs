@@ -343,6 +343,17 @@ impl Stack {
             .collect()
     }
 
+    /// A field of a live replica's start-up announcement (`grpc`, `metrics`, and for the fetcher
+    /// `http`: webhooks and the Memberships API), or `None` when it is down or announced none.
+    pub fn announced(&self, role: Role, index: usize, key: &str) -> Option<String> {
+        let replica = self
+            .replicas
+            .iter()
+            .find(|replica| replica.role == role && replica.index == index)?;
+        let value = replica.child.as_ref()?.field(key);
+        (!value.is_empty()).then_some(value)
+    }
+
     /// Admin clients on every live replica.
     pub async fn fleet(&self) -> Result<Fleet> {
         Ok(Fleet::connect(&self.endpoints(), &self.settings.admin_token).await?)

@@ -113,8 +113,10 @@ pub(crate) struct WebhookHub {
 
 impl WebhookHub {
     pub(crate) fn new(shutdown: CancellationToken) -> Self {
+        // Receivers are the project's own services, next to the sandbox: never through a proxy.
         let http = reqwest::Client::builder()
             .timeout(DELIVERY_TIMEOUT)
+            .no_proxy()
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
         Self {
