@@ -21,6 +21,7 @@ use axum::{
     body::Bytes,
     extract::{DefaultBodyLimit, Path, Query, State},
     http::{HeaderMap, StatusCode, header::AUTHORIZATION},
+    middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -33,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     form::{self, Form},
+    http_limits::{self, RateLimit},
     import::{self, ImportRequest},
     memberships::{self, ApiAuth, ApiError, SubscribeRequest, UnsubscribeRequest},
     realtime::Realtime,
@@ -102,22 +104,43 @@ impl HttpState {
     }
 }
 
+/// Requests per second each route group takes (0: unlimited); see [`http_limits`].
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimits {
+    /// `/webhooks/...`.
+    pub webhooks: u32,
+    /// `/api/v1/...`.
+    pub api: u32,
+}
+
 /// The router of the HTTP port.
-pub fn router(state: HttpState) -> Router {
+pub fn router(state: HttpState, limits: RateLimits) -> Router {
     let webhooks = Router::new()
         .route(
             "/webhooks/mailchimp/{secret}",
             get(validate_webhook).post(receive_webhook),
         )
-        .layer(DefaultBodyLimit::max(form::MAX_BODY_BYTES));
+        .layer(DefaultBodyLimit::max(form::MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            RateLimit::new("webhooks", limits.webhooks),
+            http_limits::rate_limit,
+        ));
     let api = Router::new()
         .route("/api/v1/memberships", get(get_memberships))
         .route("/api/v1/unsubscribe", post(unsubscribe))
         .route("/api/v1/optouts", post(opt_out))
         .route("/api/v1/subscribe", post(subscribe))
         .route("/api/v1/import", post(run_import))
-        .layer(DefaultBodyLimit::max(64 * 1024));
-    webhooks.merge(api).with_state(state)
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(middleware::from_fn_with_state(
+            RateLimit::new("api", limits.api),
+            http_limits::rate_limit,
+        ));
+    // The head bound runs first, for every route and for unknown paths alike.
+    webhooks
+        .merge(api)
+        .with_state(state)
+        .layer(middleware::from_fn(http_limits::bound_head))
 }
 
 /// Serves `router` on `listener` until `shutdown`.

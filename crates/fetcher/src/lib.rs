@@ -10,6 +10,7 @@ pub mod config;
 mod error;
 pub mod form;
 pub mod http;
+pub mod http_limits;
 pub mod import;
 pub mod memberships;
 pub mod pager;

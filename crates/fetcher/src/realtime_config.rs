@@ -21,6 +21,13 @@ pub struct RealtimeConfig {
     /// is registered on every audience in scope at start-up (sources user and admin, not api).
     #[arg(long, env = "OPTOUT_WEBHOOK_PUBLIC_URL")]
     pub webhook_public_url: Option<String>,
+    /// Webhook requests per second the HTTP port takes, in bursts of as many (0: no limit); more
+    /// get 429 with `Retry-After`, and Mailchimp delivers them again later.
+    #[arg(long, env = "OPTOUT_WEBHOOK_RATE_LIMIT", default_value_t = 1000)]
+    pub webhook_rate_limit: u32,
+    /// Memberships API requests per second over HTTP, in bursts of as many (0: no limit).
+    #[arg(long, env = "OPTOUT_API_RATE_LIMIT", default_value_t = 100)]
+    pub api_rate_limit: u32,
     /// Bearer token of the Memberships API (gRPC and HTTP); the admin token is accepted too.
     #[arg(long, env = "OPTOUT_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<SecretString>,

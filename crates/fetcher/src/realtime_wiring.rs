@@ -60,7 +60,11 @@ pub fn spawn_http(
         config.realtime.webhook_secret.clone(),
         tokens(config),
     );
-    tokio::spawn(http::serve(listener, http::router(state), stop))
+    let limits = http::RateLimits {
+        webhooks: config.realtime.webhook_rate_limit,
+        api: config.realtime.api_rate_limit,
+    };
+    tokio::spawn(http::serve(listener, http::router(state, limits), stop))
 }
 
 /// Builds the context once the dependencies answer, fills the slot, and registers the webhook in

@@ -325,6 +325,76 @@ async fn webhook_endpoint_refuses_wrong_secrets_and_malformed_bodies_and_acknowl
 }
 
 #[tokio::test]
+async fn the_public_port_limits_request_rates_and_head_sizes() -> Result<()> {
+    let app = TestApp::start(73).await?;
+    let service = Service::start(
+        &app,
+        &["--api-rate-limit", "2", "--webhook-rate-limit", "0"],
+    )
+    .await?;
+    // Start-up spent the API bucket polling for readiness; let it refill (2 per second).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Twenty at once: the burst of 2 goes through and the rest are told when to come back. (However
+    // slow the machine, 18 passing would need 9 s of refill while they are in flight.)
+    let lookups = (0..20).map(|_| {
+        service
+            .web
+            .get(service.url("/api/v1/memberships?email=rate@example.com"))
+            .bearer_auth(API_TOKEN)
+            .send()
+    });
+    let mut passed = 0;
+    let mut refused = 0;
+    for response in futures::future::join_all(lookups).await {
+        let response = response?;
+        match response.status() {
+            reqwest::StatusCode::OK => passed += 1,
+            reqwest::StatusCode::TOO_MANY_REQUESTS => {
+                refused += 1;
+                let retry_after: u64 = response
+                    .headers()
+                    .get("retry-after")
+                    .context("429 without Retry-After")?
+                    .to_str()?
+                    .parse()?;
+                assert_eq!(retry_after, 1, "a token comes back within the second");
+            }
+            other => bail!("unexpected {other}"),
+        }
+    }
+    assert!(passed >= 2, "the burst was refused: {passed} passed");
+    assert!(refused >= 1, "nothing was limited: {passed} passed");
+    // Webhooks have their own bucket (unlimited here): the API's being empty does not stop them.
+    let ping = service.web.get(service.webhook_url(SECRET)).send().await?;
+    assert_eq!(ping.status(), reqwest::StatusCode::OK);
+
+    // Heads: one oversized header gets 431 before any handler or token check runs.
+    let big_header = service
+        .web
+        .get(service.webhook_url(SECRET))
+        .header("x-padding", "p".repeat(20 * 1024))
+        .send()
+        .await?;
+    assert_eq!(
+        big_header.status(),
+        reqwest::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    let long_uri = service
+        .web
+        .get(service.url(&format!("/webhooks/mailchimp/{}", "s".repeat(17 * 1024))))
+        .send()
+        .await?;
+    assert_eq!(long_uri.status(), reqwest::StatusCode::URI_TOO_LONG);
+    assert!(
+        app.drain_members_changed().await?.is_empty(),
+        "refused requests published something"
+    );
+    service.stop().await?;
+    app.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn sandbox_delivered_webhooks_publish_member_changes_after_registration_at_start()
 -> Result<()> {
     let app = TestApp::start(72).await?;
