@@ -11,7 +11,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, BufReader},
+    io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader},
     process::{Child, Command},
     task::JoinHandle,
 };
@@ -34,6 +34,8 @@ pub struct ChildSpec {
     pub env: Vec<(String, String)>,
     /// Copy the child's stderr (and stdout after the first line) to ours, prefixed with `[name]`.
     pub forward_output: bool,
+    /// Also append every line of the child's stderr (its logs) to this file.
+    pub log_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for ChildSpec {
@@ -49,6 +51,7 @@ impl fmt::Debug for ChildSpec {
                 &self.env.iter().map(|(key, _)| key).collect::<Vec<_>>(),
             )
             .field("forward_output", &self.forward_output)
+            .field("log_file", &self.log_file)
             .finish()
     }
 }
@@ -101,7 +104,13 @@ fn push_tail(tail: &Tail, line: String) {
     lines.push_back(line);
 }
 
-fn spawn_reader<R>(name: String, reader: R, tail: Option<Tail>, forward: bool) -> JoinHandle<()>
+fn spawn_reader<R>(
+    name: String,
+    reader: R,
+    tail: Option<Tail>,
+    forward: bool,
+    mut log: Option<tokio::fs::File>,
+) -> JoinHandle<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
 {
@@ -110,6 +119,15 @@ where
         while let Ok(Some(line)) = lines.next_line().await {
             if forward {
                 eprintln!("[{name}] {line}");
+            }
+            if let Some(file) = &mut log
+                && file
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .is_err()
+            {
+                // A full disk must not stop the child: keep reading, stop copying.
+                log = None;
             }
             if let Some(tail) = &tail {
                 push_tail(tail, line);
@@ -143,6 +161,20 @@ impl RunningChild {
             source,
         })?;
         let tail: Tail = Arc::new(Mutex::new(VecDeque::new()));
+        let log = match &spec.log_file {
+            Some(path) => Some(
+                tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await
+                    .map_err(|source| Error::Io {
+                        context: format!("cannot open log file {}", path.display()),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
         let mut readers = Vec::new();
         if let Some(stderr) = child.stderr.take() {
             readers.push(spawn_reader(
@@ -150,6 +182,7 @@ impl RunningChild {
                 stderr,
                 Some(tail.clone()),
                 spec.forward_output,
+                log,
             ));
         }
         let Some(stdout) = child.stdout.take() else {
@@ -181,6 +214,7 @@ impl RunningChild {
                     stdout,
                     None,
                     spec.forward_output,
+                    None,
                 ));
                 Ok(Self {
                     name: spec.name.clone(),

@@ -9,7 +9,7 @@ use secrecy::SecretString;
 use crate::{
     Error, Result,
     admin::{Fleet, FleetEndpoints, Role, ServiceHandle},
-    dlq, explain, health, status,
+    dlq, explain, health, import, status,
     sync::{SyncOptions, sync},
     up::{SandboxOptions, UpOptions, run_up},
 };
@@ -161,6 +161,26 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         timeout: u64,
     },
+    /// Create subscribers in one audience from Salesforce records (through the fetcher): existing
+    /// members keep their status, records with Email Opt Out checked are skipped. Needs --fetcher.
+    Import {
+        /// The Mailchimp audience (list id).
+        #[arg(long = "audience", value_name = "ID")]
+        audience_id: String,
+        /// SOQL over Contact, Lead or Account selecting Email (or PersonEmail) and
+        /// HasOptedOutOfEmail (or PersonHasOptedOutOfEmail); FirstName and LastName become merge fields.
+        #[arg(long)]
+        soql: String,
+        /// Import records with Email Opt Out checked too (as subscribers).
+        #[arg(long)]
+        include_opted_out: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Seconds the import may take.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Why the evaluator decides what it decides for an email, and what Salesforce holds and the
     /// writer wrote for it (when a writer address is given).
     Explain {
@@ -289,6 +309,33 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Health { addr, timeout } => {
             health::check(&addr, Duration::from_secs(timeout)).await?;
+        }
+        Command::Import {
+            audience_id,
+            soql,
+            include_opted_out,
+            json,
+            timeout,
+        } => {
+            let Some(endpoint) = endpoints.fetcher.first() else {
+                return Err(Error::MissingEndpoint {
+                    service: "fetcher",
+                    flag: "--fetcher",
+                    env: "OPTOUT_FETCHER_ADDR",
+                });
+            };
+            let options = import::ImportOptions {
+                audience_id,
+                soql,
+                include_opted_out,
+                timeout: Duration::from_secs(timeout),
+            };
+            let summary = import::run(endpoint, cli.connection.token()?, &options).await?;
+            if json {
+                println!("{}", to_json(&summary)?);
+            } else {
+                println!("{summary}");
+            }
         }
         Command::Explain { email, json } => {
             let Some(endpoint) = endpoints.evaluator.first() else {

@@ -8,6 +8,7 @@ pub mod dlq;
 mod error;
 pub mod explain;
 pub mod health;
+pub mod import;
 pub mod status;
 pub mod sync;
 pub mod up;

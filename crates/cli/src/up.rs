@@ -202,6 +202,7 @@ pub fn sandbox_spec(
         args,
         env: Vec::new(),
         forward_output,
+        log_file: None,
     })
 }
 
@@ -219,6 +220,7 @@ pub fn service_spec(
         args: Vec::new(),
         env,
         forward_output,
+        log_file: None,
     })
 }
 

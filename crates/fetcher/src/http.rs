@@ -30,7 +30,7 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::sync::OnceCell;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::{
     form::{self, Form},
@@ -167,11 +167,35 @@ async fn receive_webhook(
     Path(secret): Path<String>,
     body: Bytes,
 ) -> Response {
-    if !state.secret_matches(&secret) {
+    // The server span of the delivery: without it the publish would be a root of its own, and the
+    // trace would not show the webhook request the opt-out came in with. The route template, never
+    // the path, names it, since the path holds the secret.
+    let span = tracing::info_span!(
+        "http.server",
+        otel.name = "POST /webhooks/mailchimp/{secret}",
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = "POST",
+        http.route = "/webhooks/mailchimp/{secret}",
+        http.response.status_code = tracing::field::Empty,
+    );
+    let response = handle_webhook(&state, &secret, &body)
+        .instrument(span.clone())
+        .await;
+    let status = response.status().as_u16();
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
+    response
+}
+
+async fn handle_webhook(state: &HttpState, secret: &str, body: &Bytes) -> Response {
+    if !state.secret_matches(secret) {
         warn!("webhook with a wrong secret refused");
         return StatusCode::NOT_FOUND.into_response();
     }
-    let event = match Form::parse(&body)
+    let event = match Form::parse(body)
         .map_err(|error| error.to_string())
         .and_then(|form| webhook::parse_event(&form).map_err(|error| error.to_string()))
     {

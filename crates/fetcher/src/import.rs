@@ -14,7 +14,7 @@ use std::{
 
 use chrono::Utc;
 use futures::StreamExt;
-use optout_mailchimp::{BatchMember, BatchSubscribe, MemberStatus, normalize_email};
+use optout_mailchimp::{BatchError, BatchMember, BatchSubscribe, MemberStatus, normalize_email};
 use optout_proto::{memberships::v1 as pb, queue::v1::Source};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -230,6 +230,16 @@ pub async fn import(
     Ok(report)
 }
 
+/// Mailchimp's reason for one refused member; the field message is added only when it says more
+/// (Mailchimp often repeats the error there).
+fn failure_reason(error: &BatchError) -> String {
+    if error.field_message.is_empty() || error.error.contains(&error.field_message) {
+        error.error.clone()
+    } else {
+        format!("{}: {}", error.error, error.field_message)
+    }
+}
+
 async fn send_batch(
     realtime: &Realtime,
     audience_id: &str,
@@ -257,11 +267,7 @@ async fn send_batch(
             failed += 1;
             report.failures.push(ImportFailure {
                 email: error.email_address.clone(),
-                reason: if error.field_message.is_empty() {
-                    error.error.clone()
-                } else {
-                    format!("{}: {}", error.error, error.field_message)
-                },
+                reason: failure_reason(error),
             });
         }
     }
@@ -314,6 +320,25 @@ mod tests {
         let bare = parse_row(&json!({"Id": "00Q", "Email": null}));
         assert_eq!(bare.email, None);
         assert_eq!(bare.opted_out, None);
+    }
+
+    #[test]
+    fn a_failure_reason_does_not_repeat_the_field_message() {
+        let mut error = BatchError {
+            email_address: "bad@.x.io".to_owned(),
+            error: "bad@.x.io looks fake or invalid".to_owned(),
+            error_code: "ERROR_GENERIC".to_owned(),
+            field: "email_address".to_owned(),
+            field_message: "bad@.x.io looks fake or invalid".to_owned(),
+        };
+        assert_eq!(failure_reason(&error), "bad@.x.io looks fake or invalid");
+        error.error = "Invalid Resource".to_owned();
+        assert_eq!(
+            failure_reason(&error),
+            "Invalid Resource: bad@.x.io looks fake or invalid"
+        );
+        error.field_message.clear();
+        assert_eq!(failure_reason(&error), "Invalid Resource");
     }
 
     #[test]

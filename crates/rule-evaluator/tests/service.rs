@@ -16,7 +16,7 @@ use optout_amqp::{
 use optout_proto::{
     admin::v1::{
         GetStatusRequest, ListDeadLettersRequest, PauseRequest, PurgeDeadLettersRequest,
-        ResumeRequest, TriggerSyncRequest, admin_client::AdminClient,
+        ReplayDeadLettersRequest, ResumeRequest, TriggerSyncRequest, admin_client::AdminClient,
     },
     evaluator::v1::{
         AckOptInRequest, DecideRequest, Decision, ExplainRequest, PersonDecision,
@@ -857,6 +857,69 @@ async fn invalid_messages_are_dead_lettered_and_managed_over_admin() -> anyhow::
         .await?
         .into_inner();
     assert_eq!(purged.purged, 2);
+    world.teardown(vec![evaluator]).await
+}
+
+/// `Admin.ReplayDeadLetters` through the generated client: an unknown id replays nothing; the
+/// dead letter's own id sends it back to `members.changed`, where the evaluator consumes it again
+/// (and, still invalid, dead-letters it again: its failure count grows).
+#[tokio::test]
+async fn replayed_dead_letters_go_back_to_their_routing_key_and_are_consumed_again()
+-> anyhow::Result<()> {
+    let world = World::new().await?;
+    let evaluator = world.start().await?;
+    world
+        .publish(&changed(
+            "aud1",
+            false,
+            &[("replay@example.com", MemberStatus::Unspecified, T1)],
+        ))
+        .await?;
+    let admin = AdminClient::new(evaluator.channel.clone());
+    let list = || {
+        let mut admin = admin.clone();
+        async move {
+            Ok::<_, anyhow::Error>(
+                admin
+                    .list_dead_letters(authorized(ListDeadLettersRequest { limit: 10 }))
+                    .await?
+                    .into_inner()
+                    .dead_letters,
+            )
+        }
+    };
+    eventually("one dead letter", || async { Ok(list().await?.len() == 1) }).await?;
+    let first = list().await?.remove(0);
+    assert!(!first.message_id.is_empty(), "{first:?}");
+    assert!(first.failures >= 1, "{first:?}");
+
+    let none = admin
+        .clone()
+        .replay_dead_letters(authorized(ReplayDeadLettersRequest {
+            message_ids: vec!["no-such-message".to_owned()],
+            all: false,
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(none.replayed, 0);
+    let replayed = admin
+        .clone()
+        .replay_dead_letters(authorized(ReplayDeadLettersRequest {
+            message_ids: vec![first.message_id.clone()],
+            all: false,
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(replayed.replayed, 1);
+    eventually("the replayed message dead-lettered again", || async {
+        Ok(list().await?.iter().any(|dead_letter| {
+            dead_letter.message_id == first.message_id && dead_letter.failures > first.failures
+        }))
+    })
+    .await?;
+    let again = list().await?;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].routing_key, "members.changed");
     world.teardown(vec![evaluator]).await
 }
 

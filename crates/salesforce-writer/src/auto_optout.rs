@@ -3,7 +3,8 @@
 //! a member of, through the fetcher's Memberships API (`Unsubscribe`, `existing_only`), and each
 //! audience changed gets an audit row with trigger `salesforce-auto-optout`.
 //!
-//! A poll of its own (watermarks `auto-optout:<object>` next to the write poll's) reads records with
+//! A poll of its own (watermarks `auto-optout:<object>` next to the write poll's), every poll interval
+//! (60 s when polls run on demand only) and after each triggered poll cycle, reads records with
 //! the box checked whose `SystemModstamp` moved. People whose decision is already OptOut are skipped:
 //! that covers the boxes this writer checked itself, so nothing echoes. Our own unsubscribes reach
 //! the evaluator as `api` snapshots and come back from Mailchimp as no webhook (the webhook is
@@ -70,6 +71,9 @@ type Memberships = MembershipsClient<InterceptedService<Channel, AttachBearer>>;
 #[derive(Debug, Clone)]
 pub(crate) struct AutoOptOut {
     memberships: Memberships,
+    /// One cycle at a time (the scheduled loop and a triggered poll cycle both run them): two at
+    /// once would both see a member subscribed and audit the same unsubscribe twice.
+    cycle_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AutoOptOut {
@@ -96,6 +100,7 @@ impl AutoOptOut {
             .map_err(|error| Error::Config(format!("invalid OPTOUT_FETCHER_TOKEN: {error}")))?;
         Ok(Some(Self {
             memberships: MembershipsClient::with_interceptor(channel, bearer),
+            cycle_lock: Arc::default(),
         }))
     }
 }
@@ -163,6 +168,7 @@ pub(crate) fn checked_query(
 
 /// One pass over every enabled object.
 pub(crate) async fn cycle(writer: &Writer, auto: &AutoOptOut) -> Result<CycleReport> {
+    let _one_at_a_time = auto.cycle_lock.lock().await;
     let mut report = CycleReport::default();
     let mut done: BTreeSet<String> = BTreeSet::new();
     for object in writer.objects.clone() {

@@ -127,6 +127,8 @@ pub(crate) struct AppState {
     last_run: Mutex<(String, bool)>,
     /// One poll cycle at a time per process (the scheduled one or a triggered one).
     poll_lock: tokio::sync::Mutex<()>,
+    /// The automated opt-out, when enabled: a triggered poll cycle runs one of its cycles too.
+    auto_optout: Option<auto_optout::AutoOptOut>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -173,6 +175,15 @@ impl AppState {
             tracing::info!(run_id = %task_run_id, full, dry_run, "triggered salesforce poll cycle");
             if let Err(error) = poll::poll_cycle(&state.writer, full, dry_run).await {
                 tracing::warn!(run_id = %task_run_id, error = %error_chain(&error), "triggered poll cycle failed");
+            }
+            // Without this, `optoutctl sync --wait` would leave boxes checked in Salesforce
+            // unsubscribed only at the automated opt-out's own next tick (60 s when polls run on
+            // demand only). It writes to Mailchimp, so never in a dry run.
+            if let (false, Some(auto)) = (dry_run, &state.auto_optout) {
+                let _busy = state.writer.busy_guard();
+                if let Err(error) = auto_optout::cycle(&state.writer, auto).await {
+                    tracing::warn!(run_id = %task_run_id, error = %error_chain(&error), "triggered automated opt-out cycle failed");
+                }
             }
             // Only mark it finished if no newer trigger took its place meanwhile.
             let mut last = state.last_run.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -441,6 +452,7 @@ async fn start_and_work(
     let topology = writer.topology.clone();
     let (paused, _) = watch::channel(false);
     let tasks = TaskTracker::new();
+    let auto = auto_optout::AutoOptOut::new(&config.auto_optout, &config.admin_token)?;
     let state = Arc::new(AppState {
         writer: Arc::clone(&writer),
         amqp,
@@ -449,6 +461,7 @@ async fn start_and_work(
         started: Instant::now(),
         last_run: Mutex::new((String::new(), false)),
         poll_lock: tokio::sync::Mutex::new(()),
+        auto_optout: auto.clone(),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     });
@@ -468,7 +481,7 @@ async fn start_and_work(
             observability.consumers.clone(),
         ));
     }
-    if let Some(auto) = auto_optout::AutoOptOut::new(&config.auto_optout, &config.admin_token)? {
+    if let Some(auto) = auto {
         let period = config.poll_interval().unwrap_or(Duration::from_secs(60));
         tasks.spawn(auto_optout::run_loop(
             Arc::clone(&writer),

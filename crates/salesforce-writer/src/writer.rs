@@ -200,6 +200,11 @@ pub(crate) struct Writer {
     pub(crate) counters: Counters,
     pub(crate) metrics: Arc<WriterMetrics>,
     busy: AtomicU64,
+    /// Keeps a poll pass from writing while a dirty batch is under way and the other way round:
+    /// both may hold the same email (a record edited just before its opt-out arrives), and each
+    /// would read the record unchecked and write it, a duplicate write and audit row. Dirty
+    /// batches share it (partitions hold disjoint emails); a poll pass takes it alone.
+    write_gate: tokio::sync::RwLock<()>,
 }
 
 impl Writer {
@@ -229,6 +234,7 @@ impl Writer {
             counters: Counters::new(),
             metrics,
             busy: AtomicU64::new(0),
+            write_gate: tokio::sync::RwLock::new(()),
         }
     }
 
@@ -329,6 +335,18 @@ impl Writer {
         if emails.is_empty() {
             return Ok(report);
         }
+        // Held until the audit rows are in, so the other path reads what this one wrote.
+        let exclusive = options.trigger == Trigger::SalesforcePoll && !options.dry_run;
+        let _exclusive_gate = if exclusive {
+            Some(self.write_gate.write().await)
+        } else {
+            None
+        };
+        let _shared_gate = if exclusive {
+            None
+        } else {
+            Some(self.write_gate.read().await)
+        };
         let decisions = self.decide(emails).await?;
         let targets = plan::targets(&decisions, options.opt_out_only);
         if targets.is_empty() {

@@ -54,6 +54,11 @@ pub struct StackConfig {
     pub writers: usize,
     /// More environment for every service, e.g. `OPTOUT_OBJECTS=Contact`.
     pub extra_env: Vec<(String, String)>,
+    /// When set, every child's logs (stderr) are also written to `<name>.log` in this folder.
+    pub log_dir: Option<PathBuf>,
+    /// Run the writers with the automated opt-out (`OPTOUT_AUTO_OPTOUT`, `OPTOUT_FETCHER_URL` =
+    /// fetcher 0); they then start after the fetchers, whose address they need.
+    pub auto_optout: bool,
 }
 
 impl Default for StackConfig {
@@ -67,6 +72,8 @@ impl Default for StackConfig {
             evaluators: 1,
             writers: 1,
             extra_env: Vec::new(),
+            log_dir: None,
+            auto_optout: false,
         }
     }
 }
@@ -195,7 +202,10 @@ impl Stack {
             person_accounts: config.person_accounts,
         };
         let sandbox = RunningChild::start(
-            &sandbox_spec(&sandbox_options, &dir, forward_output)?,
+            &with_log(
+                sandbox_spec(&sandbox_options, &dir, forward_output)?,
+                config.log_dir.as_deref(),
+            ),
             STARTUP_TIMEOUT,
         )
         .await
@@ -252,11 +262,23 @@ impl Stack {
         for index in 0..self.config.fetchers.max(1) {
             others.push(self.start_replica(Role::Fetcher, index, env.clone()));
         }
+        let mut fetchers = Vec::new();
+        let mut writer_env = env.clone();
+        if self.config.auto_optout {
+            // The fetcher's port is ephemeral: known once it has announced itself.
+            fetchers = futures::future::try_join_all(std::mem::take(&mut others)).await?;
+            writer_env.push(("OPTOUT_AUTO_OPTOUT".to_owned(), "true".to_owned()));
+            writer_env.push((
+                "OPTOUT_FETCHER_URL".to_owned(),
+                format!("http://{}", fetchers[0].grpc),
+            ));
+        }
         for index in 0..self.config.writers.max(1) {
-            others.push(self.start_replica(Role::Writer, index, env.clone()));
+            others.push(self.start_replica(Role::Writer, index, writer_env.clone()));
         }
         let others = futures::future::try_join_all(others).await?;
         self.replicas.extend(evaluators);
+        self.replicas.extend(fetchers);
         self.replicas.extend(others);
         Ok(())
     }
@@ -268,13 +290,16 @@ impl Stack {
         env: Vec<(String, String)>,
     ) -> Result<Replica> {
         let name = replica_name(role, index);
-        let spec = service_spec(
-            role,
-            name.clone(),
-            &self.dir,
-            env.clone(),
-            self.forward_output,
-        )?;
+        let spec = with_log(
+            service_spec(
+                role,
+                name.clone(),
+                &self.dir,
+                env.clone(),
+                self.forward_output,
+            )?,
+            self.config.log_dir.as_deref(),
+        );
         let child = RunningChild::start(&spec, STARTUP_TIMEOUT)
             .await
             .with_context(|| format!("starting {name}"))?;
@@ -465,6 +490,15 @@ impl Stack {
             return Ok(Value::Null);
         }
         serde_json::from_str(&body).with_context(|| format!("{what}: not JSON: {body}"))
+    }
+
+    /// Invalidates every Salesforce token the sandbox issued: the next call gets 401
+    /// `INVALID_SESSION_ID` and the client must log in again.
+    pub async fn expire_salesforce_tokens(&self) -> Result<()> {
+        let url = self.control(&["salesforce", "expire-tokens"])?;
+        self.send(self.http.post(url), "expire salesforce tokens")
+            .await
+            .map(drop)
     }
 
     /// Acts as the member: `unsubscribe` (campaign link), `resubscribe` (signup form) or
@@ -715,15 +749,46 @@ impl Stack {
         Ok(())
     }
 
+    /// Sends SIGTERM to one replica (what Kubernetes sends) and waits up to `timeout` for it to
+    /// exit by itself, without a SIGKILL. Returns its exit status and the tail of its stderr;
+    /// [`Self::restart`] starts it again.
+    pub async fn terminate(
+        &mut self,
+        role: Role,
+        index: usize,
+        timeout: Duration,
+    ) -> Result<(std::process::ExitStatus, String)> {
+        let replica = self.replica_mut(role, index)?;
+        let Some(mut child) = replica.child.take() else {
+            bail!("{} is not running", replica.name)
+        };
+        child.signal(libc::SIGTERM);
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => Ok((status?, child.stderr_tail())),
+            Err(_) => {
+                let tail = child.stderr_tail();
+                drop(child.kill().await);
+                bail!(
+                    "{} did not exit within {timeout:?} of SIGTERM:\n{tail}",
+                    replica.name
+                )
+            }
+        }
+    }
+
     /// Starts a killed replica again, on the same gRPC address.
     pub async fn restart(&mut self, role: Role, index: usize) -> Result<()> {
         let dir = self.dir.clone();
         let forward_output = self.forward_output;
+        let log_dir = self.config.log_dir.clone();
         let replica = self.replica_mut(role, index)?;
         ensure!(replica.child.is_none(), "{} is still running", replica.name);
         let mut env = replica.env.clone();
         env.push(("OPTOUT_GRPC_LISTEN".to_owned(), replica.grpc.clone()));
-        let spec = service_spec(role, replica.name.clone(), &dir, env, forward_output)?;
+        let spec = with_log(
+            service_spec(role, replica.name.clone(), &dir, env, forward_output)?,
+            log_dir.as_deref(),
+        );
         let mut last_error = None;
         // The old socket may linger for a moment after SIGKILL.
         for _ in 0..5 {
@@ -791,9 +856,50 @@ impl Stack {
             args: args.iter().map(|arg| (*arg).to_owned()).collect(),
             env: Vec::new(),
             forward_output: self.forward_output,
+            log_file: None,
         };
         Ok(RunningChild::start(&spec, STARTUP_TIMEOUT).await?)
     }
+
+    /// [`Self::spawn_tool`] for `optoutctl`, with the stack's addresses and admin token in its
+    /// environment (as `optoutctl up` prints them), so the token never shows in its arguments.
+    pub async fn spawn_optoutctl(&self, args: &[&str]) -> Result<RunningChild> {
+        let endpoints = self.endpoints();
+        let env = [
+            ("OPTOUT_FETCHER_ADDR", endpoints.fetcher.join(",")),
+            ("OPTOUT_EVALUATOR_ADDR", endpoints.evaluator.join(",")),
+            ("OPTOUT_WRITER_ADDR", endpoints.writer.join(",")),
+            ("OPTOUT_ADMIN_TOKEN", self.admin_token().to_owned()),
+        ]
+        .map(|(key, value)| (key.to_owned(), value))
+        .to_vec();
+        let spec = ChildSpec {
+            name: "optoutctl".to_owned(),
+            program: find_binary(&self.dir, "optoutctl")?,
+            args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+            env,
+            forward_output: self.forward_output,
+            log_file: None,
+        };
+        Ok(RunningChild::start(&spec, STARTUP_TIMEOUT).await?)
+    }
+
+    /// The process id of a live replica, e.g. to read its peak memory in `/proc/PID/status`
+    /// (the benchmark in `crates/bench` does).
+    pub fn pid(&self, role: Role, index: usize) -> Option<u32> {
+        self.replicas
+            .iter()
+            .find(|replica| replica.role == role && replica.index == index)?
+            .child
+            .as_ref()?
+            .id()
+    }
+}
+
+/// `spec` writing its logs to `<dir>/<name>.log` too, when there is a `dir`.
+fn with_log(mut spec: ChildSpec, dir: Option<&Path>) -> ChildSpec {
+    spec.log_file = dir.map(|dir| dir.join(format!("{}.log", spec.name)));
+    spec
 }
 
 fn replica_name(role: Role, index: usize) -> String {

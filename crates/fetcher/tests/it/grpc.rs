@@ -152,6 +152,21 @@ async fn admin_service_triggers_syncs_and_reports_status_behind_a_bearer_token()
         .await
         .expect_err("unimplemented");
     assert_eq!(dead_letters.code(), Code::Unimplemented);
+    // The fetcher consumes no queue: replay and purge say so too, and name who to ask.
+    let replay = client
+        .replay_dead_letters(optout_proto::admin::v1::ReplayDeadLettersRequest {
+            message_ids: Vec::new(),
+            all: true,
+        })
+        .await
+        .expect_err("unimplemented");
+    assert_eq!(replay.code(), Code::Unimplemented);
+    assert!(replay.message().contains("rule-evaluator"), "{replay:?}");
+    let purge = client
+        .purge_dead_letters(optout_proto::admin::v1::PurgeDeadLettersRequest {})
+        .await
+        .expect_err("unimplemented");
+    assert_eq!(purge.code(), Code::Unimplemented);
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), server)

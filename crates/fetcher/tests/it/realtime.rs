@@ -8,7 +8,8 @@ use clap::Parser;
 use optout_fetcher::{Config, SyncRequest};
 use optout_mailchimp::MemberStatus;
 use optout_proto::memberships::v1::{
-    SubscribeRequest, UnsubscribeRequest, memberships_client::MembershipsClient,
+    GetMembershipsRequest, SubscribeRequest, UnsubscribeRequest,
+    memberships_client::MembershipsClient,
 };
 use optout_proto::queue::v1::{self as queue, MembersChanged, Source};
 use serde_json::{Value, json};
@@ -1014,6 +1015,74 @@ async fn webhook_latency_over_1000_unsubscribes() -> Result<()> {
         latencies[latencies.len() - 1]
     );
     consuming.abort();
+    service.stop().await?;
+    app.cleanup().await;
+    Ok(())
+}
+
+/// `Memberships.GetMemberships` through the generated client: one entry per audience in scope, in
+/// audience id order, with Mailchimp's status or `not_member`, whatever case the address is asked in.
+#[tokio::test]
+async fn get_memberships_over_grpc_lists_every_audience_in_scope() -> Result<()> {
+    let app = TestApp::start(78).await?;
+    let service = Service::start(&app, &[]).await?;
+    let members = app.all_members().await?;
+    // A person in some audiences but not all, so both kinds of entry are checked.
+    let mut audiences_of: BTreeMap<String, BTreeMap<String, MemberStatus>> = BTreeMap::new();
+    for ((audience, email), status) in &members {
+        audiences_of
+            .entry(email.trim().to_lowercase())
+            .or_default()
+            .insert(audience.clone(), *status);
+    }
+    let (email, statuses) = audiences_of
+        .iter()
+        .find(|(_, statuses)| statuses.len() == 2)
+        .context("a person in two of the three audiences")?;
+    let mut audiences = app.audiences();
+    audiences.sort();
+    let expected: Vec<(String, String)> = audiences
+        .iter()
+        .map(|audience| {
+            let status = statuses
+                .get(audience)
+                .map_or("not_member", |status| status.as_str());
+            (audience.clone(), status.to_owned())
+        })
+        .collect();
+
+    let mut denied = service.grpc("nope").await?;
+    let refused = denied
+        .get_memberships(GetMembershipsRequest {
+            email: email.clone(),
+        })
+        .await
+        .expect_err("a wrong token is refused");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+
+    let mut client = service.grpc(API_TOKEN).await?;
+    let response = client
+        .get_memberships(GetMembershipsRequest {
+            email: format!("  {}  ", email.to_uppercase()),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(&response.email, email);
+    let found: Vec<(String, String)> = response
+        .memberships
+        .iter()
+        .map(|membership| (membership.audience_id.clone(), membership.status.clone()))
+        .collect();
+    assert_eq!(found, expected);
+    assert!(
+        response
+            .memberships
+            .iter()
+            .all(|membership| (membership.status == "not_member")
+                == membership.last_changed.is_none()),
+        "members carry last_changed, absent audiences do not: {:?}",
+        response.memberships
+    );
     service.stop().await?;
     app.cleanup().await;
     Ok(())

@@ -36,6 +36,7 @@ async fn optoutctl_up_runs_a_stack_that_status_and_sync_can_drive() -> Result<()
         .to_vec(),
         env: Vec::new(),
         forward_output: std::env::var("OPTOUT_E2E_LOG").is_ok_and(|value| value == "1"),
+        log_file: None,
     };
     let mut up = RunningChild::start(&spec, Duration::from_secs(120)).await?;
     let info = up.announcement().clone();

@@ -3,110 +3,29 @@
 //! serve Prometheus `/metrics` on the port they announce.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::KeyValue;
-use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use optout_e2e::{Role, Stack, StackConfig, eventually, opted_out};
-use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use optout_e2e::{Role, Stack, StackConfig, opted_out};
 
+use crate::otlp::{Received, Receiver};
 use crate::support::email;
 
 const KIND_SERVER: i32 = 2;
 const KIND_CLIENT: i32 = 3;
 const KIND_CONSUMER: i32 = 5;
 
-/// A span with the `service.name` of the process that sent it.
-#[derive(Clone, Debug)]
-struct Received {
-    service: String,
-    span: Span,
-}
-
-/// An OTLP/gRPC trace receiver keeping every span it is sent.
-#[derive(Clone, Debug, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<Received>>>,
-}
-
-fn string_value(attributes: &[KeyValue], key: &str) -> Option<String> {
-    let value = attributes
-        .iter()
-        .find(|attribute| attribute.key == key)?
-        .value
-        .as_ref()?
-        .value
-        .as_ref()?;
-    match value {
-        AnyValue::StringValue(text) => Some(text.clone()),
-        AnyValue::IntValue(number) => Some(number.to_string()),
-        _ => None,
-    }
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let mut received = Vec::new();
-        for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
-                .resource
-                .as_ref()
-                .and_then(|resource| string_value(&resource.attributes, "service.name"))
-                .unwrap_or_default();
-            for scope in resource_spans.scope_spans {
-                received.extend(scope.spans.into_iter().map(|span| Received {
-                    service: service.clone(),
-                    span,
-                }));
-            }
-        }
-        self.spans.lock().expect("spans").extend(received);
-        Ok(Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
 /// One Mailchimp unsubscribe, through a primary sync, is one trace from the fetcher's Mailchimp call
 /// to the writer's Salesforce call, with spans from all three processes and an unbroken chain of
 /// parents; the writer's and fetcher's `/metrics` agree with the sandbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsubscribe_is_one_trace_across_the_three_processes() -> Result<()> {
-    let receiver = Receiver::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let otlp_address = listener.local_addr()?;
-    let stop = CancellationToken::new();
-    let otlp_stop = stop.clone();
-    let otlp = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
-                async move { otlp_stop.cancelled().await },
-            ),
-    );
+    let otlp = Receiver::start().await?;
     let mut stack = Stack::start(StackConfig {
         audiences: 1,
         members: 30,
-        extra_env: vec![
-            (
-                "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
-                format!("http://{otlp_address}"),
-            ),
-            ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
-        ],
+        extra_env: otlp.env(),
         ..StackConfig::default()
     })
     .await?;
@@ -126,31 +45,9 @@ async fn an_unsubscribe_is_one_trace_across_the_three_processes() -> Result<()> 
     );
 
     // The run after the unsubscribe: its trace holds the Salesforce write.
-    let trace = eventually(Duration::from_secs(30), "the run's trace", || {
-        let receiver = receiver.clone();
-        async move {
-            let spans = receiver.spans.lock().expect("spans").clone();
-            let roots = spans.iter().filter(|received| {
-                received.span.name == "sync run"
-                    && received.span.start_time_unix_nano > unsubscribed_at
-            });
-            for root in roots {
-                let trace: Vec<Received> = spans
-                    .iter()
-                    .filter(|received| received.span.trace_id == root.span.trace_id)
-                    .cloned()
-                    .collect();
-                if trace
-                    .iter()
-                    .any(|received| received.span.name == "PATCH /composite/sobjects")
-                {
-                    return Ok(Ok(trace));
-                }
-            }
-            Ok(Err(format!("{} spans so far", spans.len())))
-        }
-    })
-    .await?;
+    let trace = otlp
+        .complete_trace("PATCH /composite/sobjects", unsubscribed_at)
+        .await?;
     check_trace(&trace)?;
 
     // Metrics against the sandbox's own counts.
@@ -211,8 +108,6 @@ async fn an_unsubscribe_is_one_trace_across_the_three_processes() -> Result<()> 
     );
 
     stack.shutdown().await?;
-    stop.cancel();
-    otlp.await??;
     Ok(())
 }
 
@@ -281,6 +176,113 @@ fn check_trace(trace: &[Received]) -> Result<()> {
                 .iter()
                 .any(|name| name.starts_with("salesforce-writer: process")),
         "the write descends from the run through both consumers: {chain:?}"
+    );
+    Ok(())
+}
+
+/// One Mailchimp unsubscribe delivered by webhook (no sync run) is one trace: the fetcher's webhook
+/// request span is its root, and the writer's Salesforce write descends from it through the
+/// fetcher's publish and both consumers. The webhook secret shows in no span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_unsubscribe_is_one_trace_to_the_salesforce_write() -> Result<()> {
+    use crate::realtime::{RealtimeKeys, eventually_opted_out, register_webhooks};
+
+    let otlp = Receiver::start().await?;
+    let keys = RealtimeKeys::new();
+    let mut extra_env = keys.env();
+    extra_env.extend(otlp.env());
+    let stack = Stack::start(StackConfig {
+        audiences: 1,
+        members: 30,
+        extra_env,
+        ..StackConfig::default()
+    })
+    .await?;
+    let audience = stack.audiences()[0].clone();
+    let traced = email("webhook-traced");
+    // Through the API (source `api`): no webhook for this one, and none is registered yet.
+    stack.add_subscriber(&audience, &traced).await?;
+    stack.create_contact(&traced, false).await?;
+    register_webhooks(&stack, &keys.secret).await?;
+
+    let unsubscribed_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+    stack.unsubscribe(&audience, &traced).await?;
+    eventually_opted_out(&stack, &traced, Duration::from_secs(30)).await?;
+
+    let trace = otlp
+        .complete_trace("PATCH /composite/sobjects", unsubscribed_at)
+        .await?;
+    check_webhook_trace(&trace)?;
+    for received in &otlp.receiver.spans() {
+        let text = format!("{:?}", received.span);
+        ensure!(
+            !text.contains(&keys.secret),
+            "the webhook secret is in a {} span: {}",
+            received.service,
+            received.span.name
+        );
+    }
+
+    stack.shutdown().await?;
+    Ok(())
+}
+
+fn check_webhook_trace(trace: &[Received]) -> Result<()> {
+    let by_id: HashMap<&[u8], &Received> = trace
+        .iter()
+        .map(|received| (received.span.span_id.as_slice(), received))
+        .collect();
+    let names: Vec<String> = trace
+        .iter()
+        .map(|received| format!("{}: {}", received.service, received.span.name))
+        .collect();
+    let roots: Vec<&Received> = trace
+        .iter()
+        .filter(|received| received.span.parent_span_id.is_empty())
+        .collect();
+    ensure!(roots.len() == 1, "one root: {names:?}");
+    let root = roots[0];
+    ensure!(
+        root.service == "fetcher"
+            && root.span.kind == KIND_SERVER
+            && root.span.name == "POST /webhooks/mailchimp/{secret}",
+        "the root is the fetcher's webhook request: {names:?}"
+    );
+    for received in trace {
+        let parent = &received.span.parent_span_id;
+        ensure!(
+            parent.is_empty() || by_id.contains_key(parent.as_slice()),
+            "the parent of {}: {} is in the trace: {names:?}",
+            received.service,
+            received.span.name
+        );
+    }
+    let write = trace
+        .iter()
+        .find(|received| {
+            received.service == "salesforce-writer"
+                && received.span.kind == KIND_CLIENT
+                && received.span.name == "PATCH /composite/sobjects"
+        })
+        .with_context(|| format!("no Salesforce write in the trace: {names:?}"))?;
+    // Walk up from the Salesforce write to the webhook request.
+    let mut chain = vec![format!("{}: {}", write.service, write.span.name)];
+    let mut current = write;
+    while let Some(parent) = by_id.get(current.span.parent_span_id.as_slice()) {
+        chain.push(format!("{}: {}", parent.service, parent.span.name));
+        current = parent;
+    }
+    let position = |prefix: &str| chain.iter().position(|name| name.starts_with(prefix));
+    let (Some(writer), Some(evaluator), Some(fetcher)) = (
+        position("salesforce-writer: process"),
+        position("rule-evaluator: process"),
+        position("fetcher: publish"),
+    ) else {
+        anyhow::bail!("the write descends from the webhook through both consumers: {chain:?}");
+    };
+    ensure!(
+        std::ptr::eq(current, root) && writer < evaluator && evaluator < fetcher,
+        "the write descends from the webhook through both consumers: {chain:?}"
     );
     Ok(())
 }
