@@ -30,6 +30,9 @@ pub struct Config {
     /// Most concurrent Mailchimp requests (Mailchimp allows 10 per API key).
     #[arg(long, env = "OPTOUT_MAILCHIMP_MAX_CONNECTIONS", default_value_t = 10)]
     pub mailchimp_max_connections: usize,
+    /// Seconds one Mailchimp request may take before it is abandoned and retried.
+    #[arg(long, env = "OPTOUT_MAILCHIMP_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub mailchimp_timeout_secs: u64,
     /// Audience ids in scope, comma separated; empty means every audience of the account.
     #[arg(long, env = "OPTOUT_AUDIENCES", value_delimiter = ',')]
     pub audiences: Vec<String>,

@@ -327,6 +327,7 @@ pub fn mailchimp_client(config: &Config) -> Result<MailchimpClient> {
     let mut mailchimp = MailchimpConfig::new(config.mailchimp_api_key.expose_secret());
     mailchimp.base_url.clone_from(&config.mailchimp_url);
     mailchimp.max_connections = config.mailchimp_max_connections;
+    mailchimp.timeout = Duration::from_secs(config.mailchimp_timeout_secs);
     Ok(MailchimpClient::new(mailchimp)?)
 }
 

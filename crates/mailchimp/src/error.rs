@@ -91,8 +91,9 @@ impl Error {
         }
     }
 
-    /// Classifies a non-success answer from its status and (possibly empty) body.
-    pub(crate) fn from_response(status: u16, body: &[u8]) -> Error {
+    /// Classifies a non-success answer from its status and (possibly empty) body. Total: any
+    /// bytes give an error value (fuzzed in `crates/fuzz-targets`).
+    pub fn from_response(status: u16, body: &[u8]) -> Error {
         let problem: Option<Problem> = if body.is_empty() {
             None
         } else {

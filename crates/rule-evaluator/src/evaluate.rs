@@ -199,7 +199,8 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Validates a message and turns it into normalised snapshots; the error is the dead-letter reason.
-pub(crate) fn snapshots_of(message: &MembersChanged) -> Result<Vec<Snapshot>, String> {
+/// Total over any decoded message (fuzzed in `crates/fuzz-targets`).
+pub fn snapshots_of(message: &MembersChanged) -> Result<Vec<Snapshot>, String> {
     let audience_id = message.audience_id.trim();
     if audience_id.is_empty() {
         return Err("members.changed without audience_id".to_owned());

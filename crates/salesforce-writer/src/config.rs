@@ -52,6 +52,9 @@ pub struct Config {
     /// REST API version.
     #[arg(long, env = "OPTOUT_SALESFORCE_API_VERSION", default_value = "59.0")]
     pub salesforce_api_version: String,
+    /// Seconds one Salesforce request may take before it is abandoned and retried.
+    #[arg(long, env = "OPTOUT_SALESFORCE_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub salesforce_timeout_secs: u64,
     /// Extra trusted root certificate (PEM), e.g. the sandbox's.
     #[arg(long, env = "OPTOUT_SALESFORCE_CA_FILE")]
     pub salesforce_ca_file: Option<PathBuf>,
@@ -289,7 +292,7 @@ impl Config {
             auth,
             api_version: self.salesforce_api_version.clone(),
             ca_file: self.salesforce_ca_file.clone(),
-            timeout: Duration::from_secs(60),
+            timeout: Duration::from_secs(self.salesforce_timeout_secs),
             max_retries: 3,
             max_connections: 4,
         })

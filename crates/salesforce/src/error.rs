@@ -90,8 +90,9 @@ impl Error {
         }
     }
 
-    /// Builds the error for a non-success REST answer.
-    pub(crate) fn from_response(status: u16, body: &[u8]) -> Error {
+    /// Builds the error for a non-success REST answer. Total: any bytes give an error value
+    /// (fuzzed in `crates/fuzz-targets`).
+    pub fn from_response(status: u16, body: &[u8]) -> Error {
         #[derive(serde::Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct Body {

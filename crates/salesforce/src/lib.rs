@@ -246,7 +246,9 @@ fn backoff(attempt: u32) -> Duration {
     ceiling.mul_f64(0.5 + fastrand::f64() * 0.5)
 }
 
-fn csv_rows(text: &str) -> Result<Vec<HashMap<String, String>>> {
+/// The rows of a Bulk API result CSV (`successfulResults`, `failedResults`) as column-to-value
+/// maps; a malformed CSV is a [`Error::Decode`], never a panic (fuzzed in `crates/fuzz-targets`).
+pub fn csv_rows(text: &str) -> Result<Vec<HashMap<String, String>>> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(true)

@@ -87,49 +87,51 @@ pub fn chunk_in_clauses(
     statements
 }
 
+/// Reads one literal starting at `text[0] == '\''` the way Salesforce's lexer does;
+/// returns the value and the rest after the closing quote.
+fn unquote(text: &str) -> Option<(String, &str)> {
+    let mut chars = text.char_indices();
+    if chars.next()?.1 != '\'' {
+        return None;
+    }
+    let mut value = String::new();
+    while let Some((position, character)) = chars.next() {
+        match character {
+            '\'' => return Some((value, &text[position + 1..])),
+            '\\' => value.push(match chars.next()?.1 {
+                'n' => '\n',
+                'r' => '\r',
+                't' => '\t',
+                'b' => '\u{8}',
+                'f' => '\u{c}',
+                other @ ('\\' | '\'' | '"') => other,
+                _ => return None,
+            }),
+            other => value.push(other),
+        }
+    }
+    None
+}
+
+/// The string literals of a statement, as Salesforce's lexer reads them, or `None` when a literal
+/// is unterminated or holds an unknown escape. The oracle of the injection tests: a statement built
+/// with [`quote`] around a value must yield exactly that value, whatever the value holds.
+pub fn literals(statement: &str) -> Option<Vec<String>> {
+    let mut found = Vec::new();
+    let mut rest = statement;
+    while let Some(start) = rest.find('\'') {
+        let (value, after) = unquote(&rest[start..])?;
+        found.push(value);
+        rest = after;
+    }
+    Some(found)
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
-
-    /// Reads one literal starting at `text[0] == '\''` the way Salesforce's lexer does;
-    /// returns the value and the rest after the closing quote.
-    fn unquote(text: &str) -> Option<(String, &str)> {
-        let mut chars = text.char_indices();
-        if chars.next()?.1 != '\'' {
-            return None;
-        }
-        let mut value = String::new();
-        while let Some((position, character)) = chars.next() {
-            match character {
-                '\'' => return Some((value, &text[position + 1..])),
-                '\\' => value.push(match chars.next()?.1 {
-                    'n' => '\n',
-                    'r' => '\r',
-                    't' => '\t',
-                    'b' => '\u{8}',
-                    'f' => '\u{c}',
-                    other @ ('\\' | '\'' | '"') => other,
-                    _ => return None,
-                }),
-                other => value.push(other),
-            }
-        }
-        None
-    }
-
-    /// Splits a statement into its top-level string literals, outside which no quote may hide.
-    fn literals(statement: &str) -> Option<Vec<String>> {
-        let mut found = Vec::new();
-        let mut rest = statement;
-        while let Some(start) = rest.find('\'') {
-            let (value, after) = unquote(&rest[start..])?;
-            found.push(value);
-            rest = after;
-        }
-        Some(found)
-    }
 
     fn nasty_email() -> impl Strategy<Value = String> {
         prop_oneof![
