@@ -42,6 +42,9 @@ pub enum Error {
     /// Writing the listening announcement to stdout failed.
     #[error("failed to announce the grpc address on stdout")]
     Announce(#[source] std::io::Error),
+    /// The RabbitMQ connection failed after start-up (the process exits to be restarted).
+    #[error("the rabbitmq connection was lost")]
+    AmqpConnectionLost,
     /// Syncs cannot start while the fetcher is paused.
     #[error("fetcher is paused")]
     Paused,

@@ -211,11 +211,14 @@ pub async fn serve_with_listeners(
         Arc::clone(&resources.amqp),
         shutdown.child_token(),
     ));
+    let amqp_lost = watch_connection(&resources.amqp);
 
     let server_result = tokio::select! {
         () = shutdown.cancelled() => None,
+        () = amqp_lost.cancelled() => None,
         result = &mut server => Some(result),
     };
+    let lost = amqp_lost.is_cancelled() && !shutdown.is_cancelled();
     info!("fetcher shutting down");
     monitor.abort();
     set_health(&health, ServingStatus::NotServing).await;
@@ -242,7 +245,32 @@ pub async fn serve_with_listeners(
         warn!(%error, "failed to close the rabbitmq connection");
     }
     resources.pool.close().await;
-    served
+    served?;
+    if lost {
+        return Err(Error::AmqpConnectionLost);
+    }
+    Ok(())
+}
+
+/// A token cancelled when the RabbitMQ connection fails. A lapin connection does not come back by
+/// itself, and publishing on a dead one would only fail every sync and webhook: the fetcher exits
+/// (drained, non-zero) so its supervisor starts it again, as the consuming services do when their
+/// consumer ends.
+fn watch_connection(connection: &lapin::Connection) -> CancellationToken {
+    use futures::StreamExt as _;
+    let lost = CancellationToken::new();
+    let mut events = Box::pin(connection.events_listener());
+    let cancel = lost.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            if let lapin::Event::Error(error) = event {
+                tracing::error!(%error, "rabbitmq connection lost");
+                cancel.cancel();
+                return;
+            }
+        }
+    });
+    lost
 }
 
 async fn join_server(

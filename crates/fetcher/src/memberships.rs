@@ -251,6 +251,12 @@ pub async fn unsubscribe(
         }
         audiences
     };
+    // The memberships left alone go first, so the evaluator judges the whole person (see
+    // `publish_other_memberships`).
+    let asked: Vec<&str> = audiences.iter().map(String::as_str).collect();
+    realtime
+        .publish_other_memberships(&asked, &email, Source::Api)
+        .await?;
     let results: Vec<UnsubscribeResult> = stream::iter(audiences)
         .map(|audience_id| {
             let email = &email;

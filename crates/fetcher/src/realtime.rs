@@ -204,6 +204,57 @@ impl Realtime {
         Ok(())
     }
 
+    /// Publishes `email`'s current membership in every audience in scope but `except`, read now.
+    ///
+    /// An unsubscribe can make "unsubscribed in every audience" true, and the evaluator judges that
+    /// on the memberships it knows. One it has not seen yet (its audience's first sync has not
+    /// reached it, or it was added through the API, which sends no webhook) would be left out of
+    /// that judgment, and the opt-out would stick: a first sync never unchecks a box. So the
+    /// person's other memberships go out first; the fault-injection test found the false opt-out.
+    /// A read that fails is skipped with a warning: the unsubscribe still goes out (an opt-out too
+    /// many is the safe error), and the next poll brings the rest. Only a publish failure is an
+    /// error.
+    pub async fn publish_other_memberships(
+        &self,
+        except: &[&str],
+        email: &str,
+        source: Source,
+    ) -> Result<()> {
+        use futures::StreamExt as _;
+        let audiences = match self.audiences_in_scope().await {
+            Ok(audiences) => audiences,
+            Err(error) => {
+                warn!(error = %error.chain(), "cannot list audiences; unsubscribe published alone");
+                return Ok(());
+            }
+        };
+        let others: Vec<String> = audiences
+            .into_iter()
+            .filter(|id| !except.contains(&id.as_str()))
+            .collect();
+        let reads: Vec<_> = futures::stream::iter(others)
+            .map(|audience_id| async move {
+                let read = self.client().member(&audience_id, email).await;
+                (audience_id, read)
+            })
+            .buffer_unordered(4)
+            .collect()
+            .await;
+        for (audience_id, read) in reads {
+            match read {
+                Ok(member) => {
+                    self.publish(&audience_id, source, vec![member_snapshot(&member, Utc::now())])
+                        .await?;
+                }
+                Err(optout_mailchimp::Error::NotFound { .. }) => {}
+                Err(error) => {
+                    warn!(%audience_id, %error, "cannot read another membership; unsubscribe published without it");
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn publisher(&self) -> Result<Publisher> {
         let mut slot = self.inner.publisher.lock().await;
         if let Some(publisher) = slot.as_ref() {

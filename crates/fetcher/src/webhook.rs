@@ -186,7 +186,14 @@ pub async fn handle(realtime: &Realtime, event: WebhookEvent) -> Result<Handled>
             status,
             fired_at,
             ..
-        } => vec![snapshot(email, status, fired_at)],
+        } => {
+            if status == MemberStatus::Unsubscribed {
+                realtime
+                    .publish_other_memberships(&[&audience_id], &email, Source::Webhook)
+                    .await?;
+            }
+            vec![snapshot(email, status, fired_at)]
+        }
         WebhookEvent::Profile {
             email, fired_at, ..
         } => vec![read_member(realtime, &audience_id, email, fired_at).await?],

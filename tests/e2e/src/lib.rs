@@ -739,6 +739,27 @@ impl Stack {
             .with_context(|| format!("no replica {index} of {role}"))
     }
 
+    /// Starts again every replica whose process has exited by itself (as Kubernetes restarts a
+    /// crashed container); returns their names. Killed replicas ([`Self::kill`]) are left to
+    /// [`Self::restart`].
+    pub async fn revive(&mut self) -> Result<Vec<String>> {
+        let mut exited = Vec::new();
+        for replica in &mut self.replicas {
+            if let Some(child) = replica.child.as_mut()
+                && child.try_wait().is_some()
+            {
+                replica.child = None;
+                exited.push((replica.role, replica.index, replica.name.clone()));
+            }
+        }
+        let mut names = Vec::new();
+        for (role, index, name) in exited {
+            self.restart(role, index).await?;
+            names.push(name);
+        }
+        Ok(names)
+    }
+
     /// SIGKILLs one replica.
     pub async fn kill(&mut self, role: Role, index: usize) -> Result<()> {
         let replica = self.replica_mut(role, index)?;

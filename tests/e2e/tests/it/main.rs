@@ -7,6 +7,7 @@ mod cli;
 mod crashes;
 mod dead_letters;
 mod explain;
+mod faults;
 mod import;
 mod migrate_only;
 mod objects;
