@@ -395,6 +395,60 @@ async fn the_public_port_limits_request_rates_and_head_sizes() -> Result<()> {
     Ok(())
 }
 
+/// An unsubscribe webhook publishes the person's other memberships, read at once, before the
+/// unsubscribe: the evaluator must judge "unsubscribed in every audience" on all of them, even
+/// before a sync has read the other audiences.
+#[tokio::test]
+async fn an_unsubscribe_webhook_publishes_the_other_memberships_first() -> Result<()> {
+    let app = TestApp::start(74).await?;
+    let service = Service::start(&app, &[]).await?;
+    let subscribed = members_with(&app, MemberStatus::Subscribed).await?;
+    let mut audiences_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (audience, email) in &subscribed {
+        audiences_of
+            .entry(email.to_lowercase())
+            .or_default()
+            .push(audience.clone());
+    }
+    let (email, audiences) = audiences_of
+        .into_iter()
+        .find(|(_, audiences)| audiences.len() >= 2)
+        .context("the generator made someone subscribed in two audiences")?;
+    let (unsubscribed_in, others) = audiences.split_first().context("two audiences")?;
+    let body = format!(
+        "type=unsubscribe&fired_at=2026-01-02+03%3A04%3A05&data%5Baction%5D=unsub\
+         &data%5Blist_id%5D={unsubscribed_in}&data%5Bemail%5D={}",
+        email.replace('@', "%40").replace('+', "%2B")
+    );
+    assert_eq!(
+        service.post_webhook(SECRET, &body).await?,
+        reqwest::StatusCode::OK
+    );
+    let messages = app.drain_members_changed().await?;
+    // Confirmed before the answer: everything is on the queue already, the unsubscribe last.
+    let (last, before) = messages.split_last().context("messages published")?;
+    assert_eq!(&last.audience_id, unsubscribed_in);
+    assert_eq!(
+        last.members[0].status,
+        queue::MemberStatus::Unsubscribed as i32
+    );
+    for other in others {
+        let message = before
+            .iter()
+            .find(|message| &message.audience_id == other)
+            .with_context(|| format!("the membership in {other} was published: {messages:?}"))?;
+        assert_eq!(message.source, Source::Webhook as i32);
+        assert!(message.members[0].email.eq_ignore_ascii_case(&email));
+        assert_eq!(
+            message.members[0].status,
+            queue::MemberStatus::Subscribed as i32
+        );
+    }
+    service.stop().await?;
+    app.cleanup().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn sandbox_delivered_webhooks_publish_member_changes_after_registration_at_start()
 -> Result<()> {
