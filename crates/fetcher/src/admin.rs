@@ -50,7 +50,7 @@ impl Interceptor for BearerAuth {
             .get("authorization")
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+            .ok_or_else(|| Status::unauthenticated(optout_service::auth::UNAUTHENTICATED))?;
         let matches: bool = presented
             .as_bytes()
             .ct_eq(self.expected.expose_secret().as_bytes())
@@ -58,7 +58,7 @@ impl Interceptor for BearerAuth {
         if matches {
             Ok(request)
         } else {
-            Err(Status::unauthenticated("invalid bearer token"))
+            Err(Status::unauthenticated(optout_service::auth::UNAUTHENTICATED))
         }
     }
 }

@@ -247,7 +247,7 @@ fn unauthorized() -> Response {
     (
         StatusCode::UNAUTHORIZED,
         [("www-authenticate", "Bearer")],
-        Json(json!({ "error": "missing or invalid bearer token" })),
+        Json(json!({ "error": optout_service::auth::UNAUTHENTICATED })),
     )
         .into_response()
 }

@@ -605,11 +605,11 @@ impl Interceptor for ApiAuth {
             .get("authorization")
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+            .ok_or_else(|| Status::unauthenticated(optout_service::auth::UNAUTHENTICATED))?;
         if self.accepts(presented) {
             Ok(request)
         } else {
-            Err(Status::unauthenticated("invalid bearer token"))
+            Err(Status::unauthenticated(optout_service::auth::UNAUTHENTICATED))
         }
     }
 }

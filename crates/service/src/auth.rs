@@ -13,6 +13,9 @@ use tonic::{Request, Status};
 
 use crate::{Error, Result};
 
+/// The one answer to a missing, malformed or wrong bearer token.
+pub const UNAUTHENTICATED: &str = "missing or invalid bearer token";
+
 /// Server side: rejects calls without `authorization: Bearer <token>` with `UNAUTHENTICATED`.
 #[derive(Clone)]
 pub struct RequireBearer {
@@ -50,13 +53,11 @@ impl fmt::Debug for RequireBearer {
 impl Interceptor for RequireBearer {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let header = request.metadata().get("authorization");
-        if header.is_none() {
-            return Err(Status::unauthenticated("missing bearer token"));
-        }
+        // A missing token and a wrong one get the same answer: nothing tells a caller which.
         if self.accepts(header.and_then(|value| value.to_str().ok())) {
             Ok(request)
         } else {
-            Err(Status::unauthenticated("invalid bearer token"))
+            Err(Status::unauthenticated(UNAUTHENTICATED))
         }
     }
 }
@@ -98,14 +99,35 @@ impl Interceptor for AttachBearer {
 mod tests {
     use super::*;
 
-    fn call(auth: &mut RequireBearer, header: Option<&str>) -> Result<(), tonic::Code> {
+    fn call_status(auth: &mut RequireBearer, header: Option<&str>) -> Result<(), Status> {
         let mut request = Request::new(());
         if let Some(header) = header {
             request
                 .metadata_mut()
                 .insert("authorization", header.parse().expect("ascii header"));
         }
-        auth.call(request).map(drop).map_err(|status| status.code())
+        auth.call(request).map(drop)
+    }
+
+    fn call(auth: &mut RequireBearer, header: Option<&str>) -> Result<(), tonic::Code> {
+        call_status(auth, header).map_err(|status| status.code())
+    }
+
+    #[test]
+    fn a_missing_token_and_a_wrong_one_get_the_same_answer() {
+        let mut auth = RequireBearer::new(SecretString::from("s3cret"));
+        let answers: Vec<(tonic::Code, String)> = [None, Some("Bearer wrong"), Some("garbage")]
+            .into_iter()
+            .map(|header| {
+                let status = call_status(&mut auth, header).expect_err("refused");
+                (status.code(), status.message().to_owned())
+            })
+            .collect();
+        assert!(
+            answers.windows(2).all(|pair| pair[0] == pair[1]),
+            "{answers:?}"
+        );
+        assert_eq!(answers[0].1, UNAUTHENTICATED);
     }
 
     #[test]
