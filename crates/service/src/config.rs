@@ -31,6 +31,10 @@ pub struct GrpcTls {
     /// PEM private key for `--grpc-tls-cert`.
     #[arg(long, env = "OPTOUT_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
     pub grpc_tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) of the clients: with it, the gRPC port asks every caller for a
+    /// certificate signed by one of them (mutual TLS), health probes included.
+    #[arg(long, env = "OPTOUT_GRPC_TLS_CLIENT_CA", requires = "grpc_tls_cert")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
 }
 
 /// Why the configuration could not be loaded.

@@ -1,9 +1,10 @@
 //! Optional TLS on the gRPC port, from PEM certificate and key files (rustls with the aws-lc provider, the
-//! one reqwest and sqlx use too).
+//! one reqwest and sqlx use too), and optional mutual TLS: with a client CA, callers must present a
+//! certificate it signed.
 
 use std::path::Path;
 
-use tonic::transport::{Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::{Error, Result, config::GrpcTls};
 
@@ -17,9 +18,12 @@ pub fn server_config(settings: &GrpcTls) -> Result<Option<ServerTlsConfig>> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cert_pem = read(cert, "OPTOUT_GRPC_TLS_CERT")?;
     let key_pem = read(key, "OPTOUT_GRPC_TLS_KEY")?;
-    Ok(Some(
-        ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)),
-    ))
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+    if let Some(client_ca) = &settings.grpc_tls_client_ca {
+        let ca_pem = read(client_ca, "OPTOUT_GRPC_TLS_CLIENT_CA")?;
+        tls = tls.client_ca_root(Certificate::from_pem(ca_pem));
+    }
+    Ok(Some(tls))
 }
 
 fn read(path: &Path, setting: &'static str) -> Result<Vec<u8>> {
