@@ -463,6 +463,18 @@ impl Stack {
         Ok(triggered.fetcher.map(|(_, run)| run).unwrap_or_default())
     }
 
+    /// Triggers a fetcher run alone, without the writer's poll cycle (which a paused writer
+    /// refuses); returns its run id.
+    pub async fn trigger_fetcher(&self) -> Result<String> {
+        self.wait_for_clock_tick().await;
+        let fleet = self.fleet().await?;
+        let fetcher = fleet.first(Role::Fetcher).context("no fetcher")?;
+        let response = fetcher
+            .trigger_sync(optout_proto::admin::v1::TriggerSyncRequest::default())
+            .await?;
+        Ok(response.run_id)
+    }
+
     fn control(&self, path: &[&str]) -> Result<reqwest::Url> {
         let mut url = reqwest::Url::parse(&self.base_url)?;
         {
@@ -499,6 +511,20 @@ impl Stack {
         self.send(self.http.post(url), "expire salesforce tokens")
             .await
             .map(drop)
+    }
+
+    /// Sets the sandbox org's API usage counter and daily budget; at `used >= max` every call
+    /// is refused with `REQUEST_LIMIT_EXCEEDED`, which is not worth retrying.
+    pub async fn set_salesforce_api_usage(&self, used: u64, max: u64) -> Result<()> {
+        let url = self.control(&["salesforce", "api-usage"])?;
+        self.send(
+            self.http
+                .put(url)
+                .json(&json!({ "used": used, "max": max })),
+            "set salesforce api usage",
+        )
+        .await
+        .map(drop)
     }
 
     /// Acts as the member: `unsubscribe` (campaign link), `resubscribe` (signup form) or

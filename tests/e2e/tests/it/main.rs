@@ -12,6 +12,7 @@ mod import;
 mod migrate_only;
 mod objects;
 mod observability;
+mod operations;
 mod otlp;
 mod realtime;
 mod replicas;
