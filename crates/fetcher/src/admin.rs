@@ -58,7 +58,9 @@ impl Interceptor for BearerAuth {
         if matches {
             Ok(request)
         } else {
-            Err(Status::unauthenticated(optout_service::auth::UNAUTHENTICATED))
+            Err(Status::unauthenticated(
+                optout_service::auth::UNAUTHENTICATED,
+            ))
         }
     }
 }

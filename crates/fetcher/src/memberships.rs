@@ -609,7 +609,9 @@ impl Interceptor for ApiAuth {
         if self.accepts(presented) {
             Ok(request)
         } else {
-            Err(Status::unauthenticated(optout_service::auth::UNAUTHENTICATED))
+            Err(Status::unauthenticated(
+                optout_service::auth::UNAUTHENTICATED,
+            ))
         }
     }
 }
