@@ -243,8 +243,12 @@ impl Realtime {
         for (audience_id, read) in reads {
             match read {
                 Ok(member) => {
-                    self.publish(&audience_id, source, vec![member_snapshot(&member, Utc::now())])
-                        .await?;
+                    self.publish(
+                        &audience_id,
+                        source,
+                        vec![member_snapshot(&member, Utc::now())],
+                    )
+                    .await?;
                 }
                 Err(optout_mailchimp::Error::NotFound { .. }) => {}
                 Err(error) => {

@@ -49,7 +49,10 @@ pub fn webhook(data: &[u8]) {
     {
         // Every event we act on names its audience: one without could not be scoped.
         let audience = event.audience_id().unwrap_or_default();
-        assert!(!audience.is_empty(), "an event acted on without an audience id");
+        assert!(
+            !audience.is_empty(),
+            "an event acted on without an audience id"
+        );
     }
 }
 
@@ -172,7 +175,10 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
                 403,
                 r#"[{"message":"TotalRequests Limit exceeded.","errorCode":"REQUEST_LIMIT_EXCEEDED"}]"#,
             ),
-            with_status(401, r#"[{"message":"Session expired or invalid","errorCode":"INVALID_SESSION_ID"}]"#),
+            with_status(
+                401,
+                r#"[{"message":"Session expired or invalid","errorCode":"INVALID_SESSION_ID"}]"#,
+            ),
             with_status(200, "api-usage=25/15000"),
             with_status(200, "2024-05-01T10:00:00.000+0000"),
             with_status(

@@ -8,9 +8,31 @@ use optout_fuzz_targets::{TARGETS, run, seeds};
 /// Bytes that matter to the parsers under test: brackets and escapes, quotes and backslashes,
 /// protobuf varint continuation, invalid UTF-8.
 const TOKENS: &[&[u8]] = &[
-    b"[", b"]", b"[]", b"%", b"%5B", b"%5D", b"%ZZ", b"&", b"=", b"+", b"'", b"\\", b"\"",
-    b"\0", b"\xff", b"\xc3", b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01", b"{", b"}", b",",
-    b"\n", b"data[", b"type=unsubscribe&", b"data[list_id]=", b"/",
+    b"[",
+    b"]",
+    b"[]",
+    b"%",
+    b"%5B",
+    b"%5D",
+    b"%ZZ",
+    b"&",
+    b"=",
+    b"+",
+    b"'",
+    b"\\",
+    b"\"",
+    b"\0",
+    b"\xff",
+    b"\xc3",
+    b"\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01",
+    b"{",
+    b"}",
+    b",",
+    b"\n",
+    b"data[",
+    b"type=unsubscribe&",
+    b"data[list_id]=",
+    b"/",
 ];
 
 fn mutate(rng: &mut fastrand::Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
@@ -70,7 +92,10 @@ fn every_target_survives_a_short_run() {
                 pool.push(input);
             }
         }
-        println!("{target}: {} seeds, {runs} mutated inputs, no failure", seeds.len());
+        println!(
+            "{target}: {} seeds, {runs} mutated inputs, no failure",
+            seeds.len()
+        );
     }
 }
 

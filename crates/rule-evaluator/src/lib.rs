@@ -28,8 +28,8 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
 pub use config::Config;
-pub use evaluate::snapshots_of;
 pub use error::{Error, Result};
+pub use evaluate::snapshots_of;
 pub use grpc::{BearerAuth, SERVICE_NAME};
 
 use crate::{
