@@ -272,12 +272,22 @@ async fn checking_email_opt_out_on_a_contact_unsubscribes_the_person_from_every_
             );
         }
     }
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let audit = format!(
         "SELECT record_id, reason, \"trigger\" FROM {writer_schema}.audit_log WHERE email = $1"
-    )))
-    .bind(&email)
-    .fetch_all(&database)
+    );
+    // The writer audits each audience once the fetcher's Unsubscribe answered, which is a moment
+    // after Mailchimp shows the member unsubscribed.
+    eventually("one audit row per audience", || {
+        let query = sqlx::query(sqlx::AssertSqlSafe(audit.clone())).bind(email.clone());
+        let database = database.clone();
+        let wanted = member_of.len();
+        async move { Ok(query.fetch_all(&database).await?.len() >= wanted) }
+    })
     .await?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(audit))
+        .bind(&email)
+        .fetch_all(&database)
+        .await?;
     assert_eq!(rows.len(), member_of.len(), "one audit row per audience");
     for row in &rows {
         let trigger: String = row.try_get("trigger")?;

@@ -219,7 +219,7 @@ pub(crate) fn generate(settings: GeneratorSettings, org: &SalesforceOrg) -> Vec<
         );
         let inserting = Instant::now();
         for record in records.drain(..) {
-            org.insert(record);
+            org.load(record);
             salesforce_records_made += 1;
         }
         salesforce_time += inserting.elapsed();

@@ -174,9 +174,22 @@ impl SalesforceOrg {
 
     /// Inserts a record and returns its 18-character id (the Account's for a person account).
     pub fn insert(&self, record: NewRecord) -> String {
+        let stamp = self.write().next_stamp(false);
+        self.insert_stamped(record, stamp)
+    }
+
+    /// Inserts a record of the org as it was before the sandbox started: created and last
+    /// modified a day ago, as the records of a real org are long before a sync meets them (the
+    /// generator's records; a writer's first poll, which looks at recent changes, does not
+    /// mistake them for edits).
+    pub fn load(&self, record: NewRecord) -> String {
+        let a_day_ago = chrono::Utc::now().timestamp_millis() - 86_400_000;
+        self.insert_stamped(record, a_day_ago)
+    }
+
+    fn insert_stamped(&self, record: NewRecord, stamp: i64) -> String {
         let person_accounts = self.inner.settings.person_accounts;
         let mut data = self.write();
-        let stamp = data.next_stamp(false);
         let index = match record {
             NewRecord::Contact {
                 email,
