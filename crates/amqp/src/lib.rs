@@ -37,6 +37,9 @@ pub enum Error {
     /// The connection to the broker could not be opened.
     #[error("failed to connect to rabbitmq")]
     Connect(#[source] lapin::Error),
+    /// The broker accepted the TCP connection but did not finish the AMQP handshake in time.
+    #[error("rabbitmq did not complete the amqp handshake within {0:?}")]
+    ConnectTimeout(std::time::Duration),
     /// A protocol operation failed (channel closed, precondition failed, queue missing, ...).
     #[error("amqp {operation} failed on {target}")]
     Amqp {
@@ -93,7 +96,40 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// The URL is never logged or put in errors since it may carry a password.
 pub async fn connect(url: &str) -> Result<lapin::Connection> {
-    lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-        .await
-        .map_err(Error::Connect)
+    // A wedged broker (or anything else on the port) can accept TCP and never answer the
+    // protocol header; lapin would then wait forever. Fail instead, so a service exits to be
+    // restarted and a test reports the broker rather than hanging.
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+    )
+    .await
+    .map_err(|_| Error::ConnectTimeout(CONNECT_TIMEOUT))?
+    .map_err(Error::Connect)
+}
+
+/// How long [`connect`] waits for the AMQP handshake: far beyond a healthy broker's milliseconds,
+/// short enough that a hung one is reported well before any test or probe gives up.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A token cancelled when `connection` fails (broker restart, network loss).
+///
+/// A lapin connection does not come back by itself, and consumers or publishers on a dead one
+/// only fail: a service that sees this token cancelled drains and exits non-zero, and its
+/// supervisor (Kubernetes, the test harness) starts it again on a fresh connection.
+pub fn connection_lost(connection: &lapin::Connection) -> tokio_util::sync::CancellationToken {
+    use futures::StreamExt as _;
+    let lost = tokio_util::sync::CancellationToken::new();
+    let mut events = Box::pin(connection.events_listener());
+    let cancel = lost.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            if let lapin::Event::Error(error) = event {
+                tracing::error!(%error, "rabbitmq connection lost");
+                cancel.cancel();
+                return;
+            }
+        }
+    });
+    lost
 }

@@ -211,7 +211,7 @@ pub async fn serve_with_listeners(
         Arc::clone(&resources.amqp),
         shutdown.child_token(),
     ));
-    let amqp_lost = watch_connection(&resources.amqp);
+    let amqp_lost = optout_amqp::connection_lost(&resources.amqp);
 
     let server_result = tokio::select! {
         () = shutdown.cancelled() => None,
@@ -250,27 +250,6 @@ pub async fn serve_with_listeners(
         return Err(Error::AmqpConnectionLost);
     }
     Ok(())
-}
-
-/// A token cancelled when the RabbitMQ connection fails. A lapin connection does not come back by
-/// itself, and publishing on a dead one would only fail every sync and webhook: the fetcher exits
-/// (drained, non-zero) so its supervisor starts it again, as the consuming services do when their
-/// consumer ends.
-fn watch_connection(connection: &lapin::Connection) -> CancellationToken {
-    use futures::StreamExt as _;
-    let lost = CancellationToken::new();
-    let mut events = Box::pin(connection.events_listener());
-    let cancel = lost.clone();
-    tokio::spawn(async move {
-        while let Some(event) = events.next().await {
-            if let lapin::Event::Error(error) = event {
-                tracing::error!(%error, "rabbitmq connection lost");
-                cancel.cancel();
-                return;
-            }
-        }
-    });
-    lost
 }
 
 async fn join_server(

@@ -63,6 +63,9 @@ pub enum Error {
     /// RabbitMQ failed.
     #[error("amqp error")]
     Amqp(#[from] optout_amqp::Error),
+    /// The RabbitMQ connection failed after start-up (the process exits to be restarted).
+    #[error("the rabbitmq connection was lost")]
+    AmqpConnectionLost,
     /// A call to the rule-evaluator failed.
     #[error("evaluator call failed: {0}")]
     Evaluator(Box<tonic::Status>),
@@ -498,7 +501,16 @@ async fn start_and_work(
     optout_service::health::set_all(health, &HEALTH_SERVICES, ServingStatus::Serving).await;
     tracing::info!("salesforce-writer serving");
 
-    shutdown.cancelled().await;
+    let amqp_lost = optout_amqp::connection_lost(&state.amqp);
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = amqp_lost.cancelled() => {
+            // The consumers would retry on the dead connection forever: stop everything and
+            // exit non-zero so the supervisor starts a writer with a fresh connection.
+            shutdown.cancel();
+        }
+    }
+    let lost = amqp_lost.is_cancelled();
     tracing::info!("shutting down: no new deliveries, finishing the batch in hand");
     optout_service::health::set_all(health, &HEALTH_SERVICES, ServingStatus::NotServing).await;
     tasks.close();
@@ -508,6 +520,9 @@ async fn start_and_work(
             ?grace,
             "in-flight work did not finish within the grace period"
         );
+    }
+    if lost {
+        return Err(Error::AmqpConnectionLost);
     }
     Ok(())
 }
