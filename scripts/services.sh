@@ -41,6 +41,23 @@ ensure_postgres() {
     || { log "cannot log in to postgresql as postgres on 127.0.0.1"; exit 1; }
 }
 
+# True when something on 5672 answers the AMQP protocol header with a frame. A broker can be up
+# enough to accept TCP and answer pings yet never answer AMQP (seen after abrupt restarts); every
+# client would then hang, so that state is treated as down.
+amqp_answers() {
+  timeout 10 bash -c 'exec 3<>/dev/tcp/127.0.0.1/5672 && printf "AMQP\x00\x00\x09\x01" >&3 &&
+    [ "$(head -c 1 <&3 | od -An -tx1 | tr -d " ")" = 01 ]' 2>/dev/null
+}
+
+start_rabbitmq() {
+  rabbitmq-server -detached || true
+  for _ in $(seq 1 90); do
+    rabbitmq-diagnostics -q ping >/dev/null 2>&1 && break
+    sleep 1
+  done
+  rabbitmq-diagnostics -q ping >/dev/null 2>&1 || { log "rabbitmq is not reachable"; exit 1; }
+}
+
 ensure_rabbitmq() {
   if ! command -v rabbitmq-server >/dev/null 2>&1; then
     log "installing rabbitmq-server"
@@ -48,19 +65,27 @@ ensure_rabbitmq() {
   fi
   if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
     log "starting rabbitmq"
-    rabbitmq-server -detached || true
-    for _ in $(seq 1 90); do
-      rabbitmq-diagnostics -q ping >/dev/null 2>&1 && break
-      sleep 1
-    done
+    start_rabbitmq
   fi
-  rabbitmq-diagnostics -q ping >/dev/null 2>&1 || { log "rabbitmq is not reachable"; exit 1; }
   # Wait for the AMQP listener itself, which comes up after the node answers pings.
   for _ in $(seq 1 30); do
-    (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && return 0
+    amqp_answers && return 0
     sleep 1
   done
-  log "rabbitmq answers pings but nothing listens on 127.0.0.1:5672"
+  log "rabbitmq does not answer AMQP on 127.0.0.1:5672: restarting it"
+  timeout 60 rabbitmqctl -q stop >/dev/null 2>&1 || true
+  # A node too wedged to stop when asked is killed by the pid in its pid file, which names
+  # this node only (never another RabbitMQ node a test may run on other ports).
+  for pidfile in /var/lib/rabbitmq/mnesia/*.pid; do
+    [ -f "$pidfile" ] && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+  done
+  sleep 2
+  start_rabbitmq
+  for _ in $(seq 1 30); do
+    amqp_answers && return 0
+    sleep 1
+  done
+  log "rabbitmq answers pings but not AMQP on 127.0.0.1:5672"
   exit 1
 }
 
