@@ -30,6 +30,8 @@ use optout_mailchimp::{MailchimpClient, MailchimpConfig, MemberStatus, UpsertMem
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
+pub mod servers;
+
 /// How long a child may take to announce itself.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -59,6 +61,11 @@ pub struct StackConfig {
     /// Run the writers with the automated opt-out (`OPTOUT_AUTO_OPTOUT`, `OPTOUT_FETCHER_URL` =
     /// fetcher 0); they then start after the fetchers, whose address they need.
     pub auto_optout: bool,
+    /// RabbitMQ for this stack instead of `OPTOUT_AMQP_URL` or the local default (a
+    /// [`servers::PrivateRabbit`], say).
+    pub amqp_url: Option<String>,
+    /// PostgreSQL for this stack instead of `OPTOUT_DATABASE_URL` or the local default.
+    pub database_url: Option<String>,
 }
 
 impl Default for StackConfig {
@@ -74,6 +81,8 @@ impl Default for StackConfig {
             extra_env: Vec::new(),
             log_dir: None,
             auto_optout: false,
+            amqp_url: None,
+            database_url: None,
         }
     }
 }
@@ -106,9 +115,8 @@ pub fn target_dir() -> Result<PathBuf> {
 }
 
 /// Fails with a message that says how to start them when RabbitMQ or PostgreSQL is down.
-async fn preflight() -> Result<()> {
+async fn preflight(settings: &StackSettings) -> Result<()> {
     use sqlx::Connection as _;
-    let settings = StackSettings::fresh("preflight");
     optout_amqp::connect(&settings.amqp_url)
         .await
         .with_context(|| {
@@ -191,9 +199,15 @@ impl Stack {
     /// evaluator's address).
     pub async fn start(config: StackConfig) -> Result<Self> {
         let dir = target_dir()?;
-        preflight().await?;
         let forward_output = std::env::var("OPTOUT_E2E_LOG").is_ok_and(|value| value == "1");
         let mut settings = StackSettings::fresh("e2e");
+        if let Some(url) = &config.amqp_url {
+            settings.amqp_url.clone_from(url);
+        }
+        if let Some(url) = &config.database_url {
+            settings.database_url.clone_from(url);
+        }
+        preflight(&settings).await?;
         settings.extra_env.clone_from(&config.extra_env);
         let sandbox_options = SandboxOptions {
             seed: config.seed,

@@ -14,21 +14,27 @@
 //!   every record agreeing;
 //! - the dead-letter queues hold exactly the messages that were bad on purpose.
 //!
+//! The stack runs on a RabbitMQ node and a PostgreSQL cluster of its own (see
+//! `optout_e2e::servers`), so restarting them disturbs nothing else on the machine.
+//!
 //! Fixed seeds: `OPTOUT_FAULTS_SEED` replays a run. `OPTOUT_FAULTS_MEMBERS` (default 20,000; the
-//! full run is 100,000) and `OPTOUT_FAULTS` (default 50) size it; `OPTOUT_FAULTS_RESTART_SERVERS=0`
-//! leaves the shared RabbitMQ and PostgreSQL running.
+//! full run is 100,000) and `OPTOUT_FAULTS` (default 50) size it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use optout_cli::sync::SyncOptions;
-use optout_e2e::{Role, Stack, StackConfig, opted_out, record_label};
+use optout_e2e::servers::{PrivatePostgres, PrivateRabbit};
+use optout_e2e::{Role, Stack, StackConfig, eventually, opted_out, record_label};
 use serde_json::{Value, json};
 
 use crate::support::{create_people, email, writable_records};
 
 const PEOPLE: usize = 60;
+/// The last of the people are left alone during the faults and unsubscribe everywhere after the
+/// last one: their opt-outs show that every service works again once the faults stop.
+const LATE: usize = 4;
 const PINNED: usize = 6;
 const AUDIENCES: usize = 2;
 const BAD_MESSAGES: u64 = 3;
@@ -53,9 +59,9 @@ enum Fault {
     SlowSalesforce,
 }
 
-/// Every kind at least once (the broker and database restarts exactly once: each takes seconds,
-/// and both only when `restart_servers`), the rest drawn at random, in a seeded order.
-fn schedule(rng: &mut fastrand::Rng, count: usize, restart_servers: bool) -> Vec<Fault> {
+/// Every kind at least once (the broker and database restarts exactly once: each takes seconds),
+/// the rest drawn at random, in a seeded order, with the broker restart last.
+fn schedule(rng: &mut fastrand::Rng, count: usize) -> Vec<Fault> {
     let light = [
         Fault::Kill(Role::Fetcher),
         Fault::Kill(Role::Evaluator),
@@ -70,13 +76,14 @@ fn schedule(rng: &mut fastrand::Rng, count: usize, restart_servers: bool) -> Vec
         Fault::SlowSalesforce,
     ];
     let mut faults = light.to_vec();
-    if restart_servers {
-        faults.extend([Fault::RabbitRestart, Fault::PostgresRestart]);
-    }
-    while faults.len() < count {
+    faults.push(Fault::PostgresRestart);
+    while faults.len() + 1 < count {
         faults.push(light[rng.usize(0..light.len())]);
     }
     rng.shuffle(&mut faults);
+    // The broker restart comes last, so no later kill can restart a service that survived it
+    // in a broken state: whatever it left must be repaired by the services themselves.
+    faults.push(Fault::RabbitRestart);
     faults
 }
 
@@ -99,68 +106,41 @@ impl Tracker {
     /// A few member actions through the sandbox's control endpoints; each emits a webhook.
     async fn act(&mut self, stack: &Stack, rng: &mut fastrand::Rng, count: usize) {
         for _ in 0..count {
-            let person = rng.usize(0..self.emails.len());
+            let person = rng.usize(0..self.emails.len() - LATE);
             let audience = rng.usize(0..AUDIENCES);
             let action = match rng.u32(0..100) {
                 0..55 => "unsubscribe",
                 55..90 => "resubscribe",
                 _ => "bounce",
             };
-            let list = &stack.audiences()[audience];
-            // A refused transition (from cleaned, say) leaves the status as it was.
-            if let Ok(member) = stack
-                .member_action(list, &self.emails[person], action)
-                .await
-            {
-                self.statuses[person][audience] = match member.get("status").and_then(Value::as_str)
-                {
-                    Some("subscribed") => Some(true),
-                    Some("unsubscribed") => Some(false),
-                    _ => None,
-                };
-                if self.all_unsubscribed(person) {
-                    self.ever_opted_out[person] = true;
-                }
+            self.apply(stack, person, audience, action).await;
+        }
+    }
+
+    /// One member action; a refused transition (from cleaned, say) leaves the status as it was.
+    async fn apply(&mut self, stack: &Stack, person: usize, audience: usize, action: &str) {
+        let list = &stack.audiences()[audience];
+        if let Ok(member) = stack
+            .member_action(list, &self.emails[person], action)
+            .await
+        {
+            self.statuses[person][audience] = match member.get("status").and_then(Value::as_str) {
+                Some("subscribed") => Some(true),
+                Some("unsubscribed") => Some(false),
+                _ => None,
+            };
+            if self.all_unsubscribed(person) {
+                self.ever_opted_out[person] = true;
             }
         }
     }
 }
 
-fn run_command(program: &str, args: &[&str]) -> Result<()> {
-    let output = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    ensure!(
-        output.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
-fn restart_rabbitmq() -> Result<()> {
-    run_command("rabbitmqctl", &["-q", "stop_app"])?;
-    run_command("rabbitmqctl", &["-q", "start_app"])?;
-    run_command("rabbitmqctl", &["-q", "await_startup"])
-}
-
-fn restart_postgres() -> Result<()> {
-    let version = std::fs::read_dir("/etc/postgresql")?
-        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-        .max()
-        .context("no postgresql cluster in /etc/postgresql")?;
-    run_command(
-        "pg_ctlcluster",
-        &[
-            "--skip-systemctl-redirect",
-            &version,
-            "main",
-            "restart",
-            "-m",
-            "fast",
-        ],
-    )
+/// The stack's own broker and database, which the faults restart.
+#[derive(Debug)]
+struct Servers {
+    rabbit: PrivateRabbit,
+    postgres: PrivatePostgres,
 }
 
 /// Sandbox faults with one API's setting replaced.
@@ -171,7 +151,12 @@ fn api_faults(api: &str, setting: Value) -> Value {
 }
 
 /// Applies a fault, holds it for `hold`, then lifts it. Returns what happened, for the log.
-async fn inject(stack: &mut Stack, fault: Fault, hold: Duration) -> Result<String> {
+async fn inject(
+    stack: &mut Stack,
+    servers: &mut Servers,
+    fault: Fault,
+    hold: Duration,
+) -> Result<String> {
     let note = match fault {
         Fault::Kill(role) => {
             stack.kill(role, 0).await?;
@@ -181,12 +166,12 @@ async fn inject(stack: &mut Stack, fault: Fault, hold: Duration) -> Result<Strin
         }
         Fault::RabbitRestart => {
             let started = Instant::now();
-            tokio::task::spawn_blocking(restart_rabbitmq).await??;
+            tokio::task::block_in_place(|| servers.rabbit.restart())?;
             format!("broker back after {:?}", started.elapsed())
         }
         Fault::PostgresRestart => {
             let started = Instant::now();
-            tokio::task::spawn_blocking(restart_postgres).await??;
+            tokio::task::block_in_place(|| servers.postgres.restart())?;
             format!("database back after {:?}", started.elapsed())
         }
         Fault::MailchimpBurst(status) | Fault::SalesforceBurst(status) => {
@@ -244,9 +229,7 @@ async fn no_opt_out_is_lost_or_undone_under_fifty_faults() -> Result<()> {
     let members = knob("OPTOUT_FAULTS_MEMBERS", 20_000);
     let count = usize::try_from(knob("OPTOUT_FAULTS", 50))?.max(13);
     let mut rng = fastrand::Rng::with_seed(seed);
-    // 0 leaves RabbitMQ and PostgreSQL alone, for a machine where other work uses them.
-    let restart_servers = knob("OPTOUT_FAULTS_RESTART_SERVERS", 1) != 0;
-    let faults = schedule(&mut rng, count, restart_servers);
+    let faults = schedule(&mut rng, count);
     println!("seed {seed}, {members} members, {} faults", faults.len());
 
     let secret = format!("faults{}", optout_cli::up::random_hex(12));
@@ -271,7 +254,16 @@ async fn no_opt_out_is_lost_or_undone_under_fifty_faults() -> Result<()> {
     ]
     .map(|(key, value)| (key.to_owned(), value))
     .to_vec();
+    let mut servers = tokio::task::block_in_place(|| -> Result<Servers> {
+        Ok(Servers {
+            rabbit: PrivateRabbit::start()?,
+            postgres: PrivatePostgres::start()?,
+        })
+    })
+    .context("starting the stack's own RabbitMQ and PostgreSQL")?;
     let mut stack = Stack::start(StackConfig {
+        amqp_url: Some(servers.rabbit.url()),
+        database_url: Some(servers.postgres.url()),
         seed,
         audiences: u32::try_from(AUDIENCES)?,
         members,
@@ -317,7 +309,7 @@ async fn no_opt_out_is_lost_or_undone_under_fifty_faults() -> Result<()> {
             drop(stack.trigger_sync().await);
         }
         let hold = Duration::from_millis(rng.u64(300..1_500));
-        let note = inject(&mut stack, *fault, hold)
+        let note = inject(&mut stack, &mut servers, *fault, hold)
             .await
             .with_context(|| format!("injecting {fault:?}"))?;
         tokio::time::sleep(Duration::from_millis(rng.u64(100..800))).await;
@@ -353,6 +345,35 @@ async fn no_opt_out_is_lost_or_undone_under_fifty_faults() -> Result<()> {
         .await?
         .wait_ready(Duration::from_secs(120))
         .await?;
+    for person in PEOPLE - LATE..PEOPLE {
+        for audience in 0..AUDIENCES {
+            tracker.apply(&stack, person, audience, "unsubscribe").await;
+        }
+        ensure!(
+            tracker.all_unsubscribed(person),
+            "the late person {person} is unsubscribed everywhere"
+        );
+    }
+    // Before any sync: the webhooks alone must carry these through fetcher, evaluator and writer,
+    // which shows each consumer works again (a full sync would reach Salesforce without them).
+    for person in PEOPLE - LATE..PEOPLE {
+        let address = &emails[person];
+        eventually(
+            Duration::from_secs(90),
+            "a late opt-out by webhook",
+            || async {
+                let records = writable_records(&stack, address).await?;
+                Ok(
+                    if records.iter().all(|record| opted_out(record) == Some(true)) {
+                        Ok(())
+                    } else {
+                        Err(format!("{address}: {records:?}"))
+                    },
+                )
+            },
+        )
+        .await?;
+    }
     stack
         .sync_with(&SyncOptions {
             full: true,
