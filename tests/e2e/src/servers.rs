@@ -31,7 +31,10 @@ fn is_root() -> bool {
 /// to `rabbitmq` by themselves; PostgreSQL refuses to run as root), so they must own the folder.
 fn hand_over(dir: &Path, user: &str) -> Result<()> {
     if is_root() {
-        run(Command::new("chown").arg("-R").arg(format!("{user}:{user}")).arg(dir))?;
+        run(Command::new("chown")
+            .arg("-R")
+            .arg(format!("{user}:{user}"))
+            .arg(dir))?;
     }
     Ok(())
 }
@@ -84,7 +87,12 @@ fn orphans(label: &str) -> Vec<PathBuf> {
         .filter_map(|entry| {
             let path = entry.ok()?.path();
             let name = path.file_name()?.to_str()?;
-            let owner: u32 = name.strip_prefix(&prefix)?.split('-').next()?.parse().ok()?;
+            let owner: u32 = name
+                .strip_prefix(&prefix)?
+                .split('-')
+                .next()?
+                .parse()
+                .ok()?;
             let alive = Path::new("/proc").join(owner.to_string()).exists();
             (!alive).then_some(path)
         })
@@ -107,7 +115,12 @@ impl PrivateRabbit {
     pub fn start() -> Result<Self> {
         for orphan in orphans("rabbit") {
             if let Ok(node) = std::fs::read_to_string(orphan.join("node")) {
-                drop(run(Command::new("rabbitmqctl").args(["-q", "-n", node.trim(), "stop"])));
+                drop(run(Command::new("rabbitmqctl").args([
+                    "-q",
+                    "-n",
+                    node.trim(),
+                    "stop",
+                ])));
             }
             drop(std::fs::remove_dir_all(orphan));
         }
@@ -144,7 +157,10 @@ impl PrivateRabbit {
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("enabled_plugins"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                self.dir.join("enabled_plugins"),
+            )
             .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
             // Not the machine's rabbitmq.conf, which binds the shared node's port.
             .env("RABBITMQ_CONFIG_FILE", self.dir.join("no-config"))
@@ -196,7 +212,8 @@ fn amqp_answers(port: u16) -> bool {
         return false;
     };
     let timeout = Some(Duration::from_secs(5));
-    if stream.set_read_timeout(timeout).is_err() || stream.write_all(b"AMQP\x00\x00\x09\x01").is_err()
+    if stream.set_read_timeout(timeout).is_err()
+        || stream.write_all(b"AMQP\x00\x00\x09\x01").is_err()
     {
         return false;
     }

@@ -356,8 +356,7 @@ async fn no_opt_out_is_lost_or_undone_under_fifty_faults() -> Result<()> {
     }
     // Before any sync: the webhooks alone must carry these through fetcher, evaluator and writer,
     // which shows each consumer works again (a full sync would reach Salesforce without them).
-    for person in PEOPLE - LATE..PEOPLE {
-        let address = &emails[person];
+    for address in &emails[PEOPLE - LATE..] {
         eventually(
             Duration::from_secs(90),
             "a late opt-out by webhook",
