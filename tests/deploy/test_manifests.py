@@ -78,6 +78,71 @@ def source(path: str) -> str:
     return file.read_text()
 
 
+def shared_config(docs: list[dict]) -> dict[str, str]:
+    """The data of the ConfigMap every service reads (generated as optout-config-<hash>)."""
+    configs = [doc for name, doc in by_kind(docs, "ConfigMap").items() if name.startswith("optout-config")]
+    assert len(configs) == 1, f"expected one optout-config ConfigMap, got {len(configs)}"
+    return configs[0].get("data", {})
+
+
+def effective_env(docs: list[dict], container: dict) -> dict[str, object]:
+    """What a container's process sees: its envFrom ConfigMaps, then `env` on top (a literal value,
+    or the valueFrom reference for a Secret or ConfigMap key)."""
+    configs = by_kind(docs, "ConfigMap")
+    env: dict[str, object] = {}
+    for source_ in container.get("envFrom", []):
+        if "configMapRef" in source_:
+            name = source_["configMapRef"]["name"]
+            assert name in configs, f"{container['name']}: envFrom names missing ConfigMap {name}"
+            prefix = source_.get("prefix", "")
+            env.update({prefix + key: value for key, value in configs[name].get("data", {}).items()})
+    for variable in container.get("env", []):
+        env[variable["name"]] = variable.get("value", variable.get("valueFrom"))
+    return env
+
+
+def service_container(docs: list[dict], deployment: str) -> dict:
+    return pod_spec(by_kind(docs, "Deployment")[deployment])["containers"][0]
+
+
+def named_ports(container: dict) -> dict[str, int]:
+    return {port["name"]: port["containerPort"] for port in container.get("ports", []) if "name" in port}
+
+
+def listen_port(address: object) -> int:
+    assert isinstance(address, str) and ":" in address, f"not a host:port literal: {address!r}"
+    return int(address.rsplit(":", 1)[1])
+
+
+def selects(policy: dict, app: str) -> bool:
+    """Whether a NetworkPolicy's podSelector selects the pods labelled app.kubernetes.io/name=app."""
+    selector = policy["spec"]["podSelector"]
+    if not selector:
+        return True
+    labels = selector.get("matchLabels", {})
+    if labels and labels.get("app.kubernetes.io/name") != app:
+        return False
+    for expression in selector.get("matchExpressions", []):
+        if expression["key"] != "app.kubernetes.io/name" or expression["operator"] != "In":
+            return False
+        if app not in expression["values"]:
+            return False
+    return bool(labels) or bool(selector.get("matchExpressions"))
+
+
+def ingress_sources(docs: list[dict], app: str, port: int, port_name: str) -> list[list[dict]]:
+    """The `from` lists of every ingress rule that lets traffic into `app` on `port`."""
+    found = []
+    for policy in by_kind(docs, "NetworkPolicy").values():
+        if not selects(policy, app) or "Ingress" not in policy["spec"].get("policyTypes", ["Ingress"]):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports is None or any(p.get("port") in (port, port_name) for p in ports):
+                found.append(rule.get("from", []))
+    return found
+
+
 # --- Kubernetes ---------------------------------------------------------------------------------
 
 
@@ -126,6 +191,83 @@ def test_services_expose_the_grpc_and_metrics_ports(overlay):
         ports = {port["name"]: port["port"] for port in service["spec"]["ports"]}
         assert ports.get("grpc") == 50051, f"{name}: {service_name} gRPC port"
         assert ports.get("metrics") == 9090, f"{name}: {service_name} metrics port"
+
+
+def test_listen_addresses_in_the_config_map_match_the_named_container_ports(overlay):
+    """The services bind what OPTOUT_GRPC_LISTEN and OPTOUT_METRICS_LISTEN say (default
+    127.0.0.1:0, unreachable from outside the pod): the ConfigMap must set both, on all
+    interfaces, to the containerPorts named grpc and metrics that probes, Services and
+    NetworkPolicies use."""
+    name, docs = overlay
+    config = shared_config(docs)
+    for variable in ("OPTOUT_GRPC_LISTEN", "OPTOUT_METRICS_LISTEN"):
+        assert variable in config, f"{name}: {variable} is not in the optout-config ConfigMap"
+        assert config[variable].startswith("0.0.0.0:"), f"{name}: {variable}={config[variable]}"
+    for deployment in SERVICES:
+        container = service_container(docs, deployment)
+        ports = named_ports(container)
+        env = effective_env(docs, container)
+        assert listen_port(env["OPTOUT_GRPC_LISTEN"]) == ports["grpc"], f"{name}: {deployment} gRPC"
+        assert listen_port(env["OPTOUT_METRICS_LISTEN"]) == ports["metrics"], (
+            f"{name}: {deployment} listens for /metrics on {env['OPTOUT_METRICS_LISTEN']}, "
+            f"its containerPort metrics is {ports.get('metrics')}"
+        )
+
+
+def test_fetcher_http_port_is_exposed_and_let_in(overlay):
+    """Mailchimp webhooks and the Memberships HTTP API (Salesforce Apex callouts) reach the fetcher
+    on OPTOUT_HTTP_LISTEN: a containerPort named http, a Service port, and a NetworkPolicy rule
+    letting something in on it. Only the fetcher reads the HTTP settings."""
+    name, docs = overlay
+    container = service_container(docs, "optout-fetcher")
+    ports = named_ports(container)
+    assert "http" in ports, f"{name}: the fetcher declares no containerPort named http"
+    env = effective_env(docs, container)
+    assert env.get("OPTOUT_HTTP_LISTEN") == f"0.0.0.0:{ports['http']}", (
+        f"{name}: OPTOUT_HTTP_LISTEN={env.get('OPTOUT_HTTP_LISTEN')!r}, containerPort http {ports['http']}"
+    )
+    service = by_kind(docs, "Service")["optout-fetcher"]
+    http = [port for port in service["spec"]["ports"] if port["name"] == "http"]
+    assert http and http[0]["targetPort"] in ("http", ports["http"]), f"{name}: Service port http"
+    sources = ingress_sources(docs, "optout-fetcher", ports["http"], "http")
+    assert sources, f"{name}: no NetworkPolicy lets anything in on the fetcher's HTTP port"
+    assert any(
+        peer.get("namespaceSelector") or peer.get("ipBlock") for peers in sources for peer in peers
+    ), f"{name}: only in-namespace pods may reach the fetcher's HTTP port, not an ingress controller"
+    for other in ("optout-rule-evaluator", "optout-salesforce-writer"):
+        other_env = effective_env(docs, service_container(docs, other))
+        leaked = sorted(k for k in other_env if k.startswith(("OPTOUT_HTTP_", "OPTOUT_WEBHOOK_")))
+        assert not leaked, f"{name}: {other} is given fetcher-only settings {leaked}"
+    public_url = env.get("OPTOUT_WEBHOOK_PUBLIC_URL")
+    if public_url:
+        # The fetcher refuses a public URL without the webhook secret.
+        assert "secretKeyRef" in (env.get("OPTOUT_WEBHOOK_SECRET") or {}), name
+    if name == "dev":
+        # The sandbox plays Mailchimp in-cluster: it registers and delivers to the Service.
+        assert public_url == f"http://optout-fetcher:{http[0]['port']}", public_url
+        assert any(
+            peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == "optout-sandbox"
+            for peers in sources
+            for peer in peers
+        ), "dev: the sandbox cannot deliver webhooks to the fetcher"
+
+
+def test_salesforce_settings_are_complete_and_named_files_are_mounted(overlay):
+    """The fetcher refuses to start with only some of the Salesforce login URL, client id and
+    secret (it reads them for imports), and every *_FILE setting must point into a volumeMount
+    (the services read the CA and key files at start)."""
+    name, docs = overlay
+    for deployment in SERVICES:
+        container = service_container(docs, deployment)
+        env = effective_env(docs, container)
+        if deployment != "optout-rule-evaluator":
+            trio = ["OPTOUT_SALESFORCE_LOGIN_URL", "OPTOUT_SALESFORCE_CLIENT_ID", "OPTOUT_SALESFORCE_CLIENT_SECRET"]
+            present = [variable for variable in trio if env.get(variable)]
+            assert present in ([], trio), f"{name}: {deployment} has only {present} of {trio}"
+        mounts = [mount["mountPath"] for mount in container.get("volumeMounts", [])]
+        for variable, value in env.items():
+            if PATH_VARIABLE.search(variable) and isinstance(value, str) and value.startswith("/"):
+                assert covered(value, mounts), f"{name}: {deployment} {variable}={value}, mounts {mounts}"
 
 
 def test_every_container_has_requests_and_limits(overlay):
@@ -221,8 +363,14 @@ def test_keda_triggers_name_exactly_the_queues_the_services_declare(overlay):
     assert queues(writer) == persons_dirty, name
     # Single-active-consumer partitions: more writers than partitions would only stand by.
     assert writer["spec"]["maxReplicaCount"] == len(persons_dirty)
-    config = next(iter(by_kind(docs, "ConfigMap").values()))["data"]
+    config = shared_config(docs)
     assert int(config["OPTOUT_PERSONS_PARTITIONS"]) == len(persons_dirty)
+    # The queue names above assume no OPTOUT_QUEUE_PREFIX (the services prepend it to every queue).
+    for configmap in by_kind(docs, "ConfigMap").values():
+        assert not configmap.get("data", {}).get("OPTOUT_QUEUE_PREFIX"), configmap["metadata"]["name"]
+    for deployment in ("optout-rule-evaluator", "optout-salesforce-writer"):
+        env = effective_env(docs, service_container(docs, deployment))
+        assert not env.get("OPTOUT_QUEUE_PREFIX"), f"{name}: {deployment} sets OPTOUT_QUEUE_PREFIX"
     assert set(scaled) == {"optout-rule-evaluator", "optout-salesforce-writer"}
 
 
@@ -281,9 +429,10 @@ def test_dev_runs_the_sandbox_and_postgres_and_prod_does_not(overlay):
     statefulsets = by_kind(docs, "StatefulSet")
     assert ("optout-sandbox" in deployments) == (name == "dev")
     assert ("optout-postgres" in statefulsets) == (name == "dev")
-    config = next(iter(by_kind(docs, "ConfigMap").values()))["data"]
+    config = shared_config(docs)
     if name == "prod":
-        assert config["OPTOUT_MAILCHIMP_URL"].startswith("https://")
+        # Derived from the API key's data-centre suffix; a fixed URL would break other data centres.
+        assert "OPTOUT_MAILCHIMP_URL" not in config, "prod: leave OPTOUT_MAILCHIMP_URL to the key"
         assert config["OPTOUT_SALESFORCE_LOGIN_URL"].startswith("https://")
     else:
         assert "optout-sandbox" in config["OPTOUT_MAILCHIMP_URL"]
@@ -385,6 +534,89 @@ def test_compose_services_wait_for_healthy_dependencies(compose):
     sandbox = " ".join(services["sandbox"]["command"])
     assert "--listen-mailchimp=0.0.0.0:8080" in sandbox
     assert "--listen-salesforce=0.0.0.0:8443" in sandbox
+
+
+def compose_env(service: dict) -> dict[str, str]:
+    """A compose service's environment: its env_file(s), then `environment` on top."""
+    env: dict[str, str] = {}
+    env_files = service.get("env_file") or []
+    for env_file in [env_files] if isinstance(env_files, str) else env_files:
+        for line in (REPO / env_file).read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, value = line.split("=", 1)
+                env[key] = value
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) if "=" in item else (item, "") for item in environment)
+    env.update({key: "" if value is None else str(value) for key, value in environment.items()})
+    return env
+
+
+def compose_mounts(service: dict) -> list[str]:
+    """The container paths a compose service mounts (named volumes and bind mounts)."""
+    targets = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            targets.append(volume["target"])
+        else:
+            parts = volume.split(":")
+            targets.append(parts[1] if len(parts) > 1 else parts[0])
+    return targets
+
+
+def covered(path: str, mounts: list[str]) -> bool:
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+# Variables whose value is a file or directory the process opens.
+PATH_VARIABLE = re.compile(r"_(FILE|DIR|PATH|CERT|KEY|CA)$")
+
+
+def test_compose_services_mount_every_file_their_settings_name(compose):
+    """A setting such as OPTOUT_SALESFORCE_CA_FILE (which sandbox.env sets for every service that
+    reads it) must point into a volume that service mounts: the fetcher reads the CA at start and
+    exits when it is missing. Also flags any absolute path into a volume some service mounts, in
+    the environment or in a `--flag=/path` argument."""
+    services = compose["services"]
+    volume_paths = {target for service in services.values() for target in compose_mounts(service)}
+    problems = []
+    for name, service in services.items():
+        mounts = compose_mounts(service)
+        settings = dict(compose_env(service))
+        command = service.get("command") or []
+        for arg in command if isinstance(command, list) else command.split():
+            if arg.startswith("--") and "=" in arg:
+                flag, value = arg.split("=", 1)
+                settings[flag] = value
+        for key, value in settings.items():
+            if not value.startswith("/"):
+                continue
+            names_a_path = PATH_VARIABLE.search(key) or key.startswith("--")
+            into_a_volume = covered(value, sorted(volume_paths))
+            if (names_a_path or into_a_volume) and not covered(value, mounts):
+                problems.append(f"{name}: {key}={value} but it mounts only {mounts or 'nothing'}")
+    assert not problems, "\n".join(problems)
+    # The case that broke: sandbox.env names the sandbox's CA for everything that reads it.
+    for name in ("fetcher", "salesforce-writer"):
+        assert compose_env(services[name]).get("OPTOUT_SALESFORCE_CA_FILE"), name
+
+
+def test_compose_listen_ports_match_the_kubernetes_ports(compose):
+    """gRPC and /metrics listen on the same container ports in compose as in Kubernetes, so a
+    scrape config or an optoutctl address carries over."""
+    base = render(DEPLOY / "base")
+    config = by_kind(base, "ConfigMap")
+    shared = next(doc for name, doc in config.items() if name.startswith("optout-config"))["data"]
+    for name in ("fetcher", "rule-evaluator", "salesforce-writer"):
+        env = compose_env(compose["services"][name])
+        for variable in ("OPTOUT_GRPC_LISTEN", "OPTOUT_METRICS_LISTEN"):
+            assert env[variable] == shared[variable], f"{name}: {variable}"
+    fetcher = compose_env(compose["services"]["fetcher"])
+    published = [str(port) for port in compose["services"]["fetcher"]["ports"]]
+    http_port = fetcher["OPTOUT_HTTP_LISTEN"].rsplit(":", 1)[1]
+    assert fetcher["OPTOUT_HTTP_LISTEN"].startswith("0.0.0.0:")
+    assert any(port.endswith(f":{http_port}") for port in published), published
 
 
 def test_dockerfile_builds_every_binary_as_non_root_with_a_grpc_healthcheck():
