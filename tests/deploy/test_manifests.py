@@ -438,12 +438,24 @@ def test_dev_runs_the_sandbox_and_postgres_and_prod_does_not(overlay):
         assert "optout-sandbox" in config["OPTOUT_MAILCHIMP_URL"]
 
 
+def test_documented_amqp_url_names_the_broker_so_keda_resolves_it():
+    """KEDA's operator reads amqp-url (TriggerAuthentication) from its own namespace, `keda`, where
+    the short Service name `optout-rabbitmq` does not resolve: the URL deploy/README.md tells
+    people to create must be namespace-qualified."""
+    readme = source("deploy/README.md")
+    hosts = re.findall(r'amqp-url="amqps?://[^"@]*@([^:/"]+)', readme)
+    assert hosts, "deploy/README.md documents no amqp-url"
+    for host in hosts:
+        assert re.fullmatch(r"optout-rabbitmq\.[^.]+\.svc(\.cluster\.local)?", host), host
+
+
 # --- validate-deploy must fail on broken manifests ----------------------------------------------
 
 
-def run_validate(directory: pathlib.Path) -> subprocess.CompletedProcess:
+def run_validate(directory: pathlib.Path, compose_file: pathlib.Path | None = None) -> subprocess.CompletedProcess:
+    compose_args = ["--compose", str(compose_file)] if compose_file else ["--skip-compose"]
     return subprocess.run(
-        [str(REPO / "scripts" / "validate-deploy"), "--dir", str(directory), "--skip-compose"],
+        [str(REPO / "scripts" / "validate-deploy"), "--dir", str(directory), *compose_args],
         capture_output=True,
         text=True,
         check=False,
@@ -478,6 +490,12 @@ def test_validate_deploy_passes_on_an_unchanged_copy(deploy_copy):
         # A kind nobody publishes a schema for.
         ("overlays/prod/network-policies.yaml", "kind: NetworkPolicy\nmetadata:\n  name: optout-to-saas",
          "kind: NetworkPolicee\nmetadata:\n  name: optout-to-saas", "no schema"),
+        # A kustomization that does not render: it lists a resource file that is not there.
+        ("base/kustomization.yaml", "  - keda.yaml\n", "  - keda.yaml\n  - missing-resource.yaml\n",
+         "missing-resource.yaml"),
+        # An overlay whose kustomization.yaml is not YAML (a tab, an unclosed list).
+        ("overlays/dev/kustomization.yaml", "\nnamespace: optout-dev\n", "\nnamespace: optout-dev\n\tbroken: [\n",
+         "overlays/dev failed"),
     ],
 )
 def test_validate_deploy_fails_on_a_broken_manifest(deploy_copy, path, old, new, reported):
@@ -488,6 +506,44 @@ def test_validate_deploy_fails_on_a_broken_manifest(deploy_copy, path, old, new,
     result = run_validate(deploy_copy)
     assert result.returncode != 0, result.stdout
     assert reported in result.stdout, result.stdout
+    assert "FAIL" in result.stdout, result.stdout
+
+
+@pytest.fixture
+def compose_copy(tmp_path) -> pathlib.Path:
+    """docker-compose.yml in a directory of its own, with the files it names by relative path."""
+    root = tmp_path / "compose"
+    (root / "deploy" / "compose").mkdir(parents=True)
+    shutil.copy(REPO / "docker-compose.yml", root / "docker-compose.yml")
+    shutil.copy(REPO / "deploy" / "compose" / "sandbox.env", root / "deploy" / "compose" / "sandbox.env")
+    shutil.copy(REPO / "deploy" / "otel-collector.yaml", root / "deploy" / "otel-collector.yaml")
+    return root / "docker-compose.yml"
+
+
+def test_validate_deploy_passes_on_an_unchanged_compose_copy(deploy_copy, compose_copy):
+    result = run_validate(deploy_copy, compose_copy)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"ok   {compose_copy}" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reported"),
+    [
+        # An option compose does not know.
+        ("    stop_grace_period: 30s\n", "    stop_grace_period: 30s\n    restartt: always\n", "restartt"),
+        # A named volume a service mounts but the file never declares.
+        ("volumes:\n  rabbitmq-data:\n  postgres-data:\n  sandbox-state:\n",
+         "volumes:\n  rabbitmq-data:\n  postgres-data:\n", "sandbox-state"),
+    ],
+)
+def test_validate_deploy_fails_on_a_broken_compose_file(deploy_copy, compose_copy, old, new, reported):
+    text = compose_copy.read_text()
+    assert old in text, f"fixture drifted: {old!r} not in docker-compose.yml"
+    compose_copy.write_text(text.replace(old, new, 1))
+    result = run_validate(deploy_copy, compose_copy)
+    assert result.returncode != 0, result.stdout
+    assert f"FAIL {compose_copy} does not validate" in result.stdout, result.stdout
+    assert reported in result.stdout + result.stderr, result.stdout + result.stderr
 
 
 # --- docker-compose.yml and Dockerfile ----------------------------------------------------------
