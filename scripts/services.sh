@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure RabbitMQ and PostgreSQL are installed and running on 127.0.0.1, as the test suite
 # and the demo need them. Installs them with apt where absent; starts them where stopped; fails
-# loudly (never skips) when a server cannot be reached.
+# loudly (never skips) when a server cannot be reached. Also installs the tools scripts/demo and
+# scripts/test call that a fresh Debian may lack: curl, python3 and python3-venv.
 set -euo pipefail
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -10,6 +11,20 @@ apt_install() {
   export DEBIAN_FRONTEND=noninteractive
   if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
   apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# curl: scripts/demo talks to the sandbox with it. python3: the demo's summaries. python3-venv:
+# Debian ships python3 without ensurepip, so `python3 -m venv` (scripts/test, validate-deploy)
+# fails until it is installed.
+ensure_tools() {
+  local missing=()
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
 }
 
 ensure_postgres() {
@@ -89,6 +104,7 @@ ensure_rabbitmq() {
   exit 1
 }
 
+ensure_tools
 ensure_postgres
 ensure_rabbitmq
 log "postgresql and rabbitmq are up"
