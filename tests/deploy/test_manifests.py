@@ -690,6 +690,43 @@ def test_dockerfile_builds_every_binary_as_non_root_with_a_grpc_healthcheck():
 # --- the environment the files set is the environment the binaries read ----------------------
 
 
+def variables_read_by_the_code() -> dict[str, str]:
+    """Every OPTOUT_* and OTEL_* variable a binary reads itself (clap `env = "..."`,
+    std::env::var, the telemetry crate's `set("...")`, a `const ..._ENV: &str`), mapped to a file
+    that reads it. Test-only names (containing TEST) are left out."""
+    patterns = [
+        re.compile(r'\benv\s*=\s*"((?:OPTOUT|OTEL)_[A-Z0-9_]+)"'),
+        re.compile(r'env::var(?:_os)?\(\s*"((?:OPTOUT|OTEL)_[A-Z0-9_]+)"'),
+        re.compile(r'\bset\(\s*"(OTEL_[A-Z0-9_]+)"'),
+        re.compile(r'const [A-Z_]*ENV: &str = "((?:OPTOUT|OTEL)_[A-Z0-9_]+)"'),
+    ]
+    found: dict[str, str] = {}
+    for path in sorted((REPO / "crates").glob("*/src/**/*.rs")):
+        text = path.read_text()
+        for pattern in patterns:
+            for name in pattern.findall(text):
+                if "TEST" not in name:
+                    found.setdefault(name, str(path.relative_to(REPO)))
+    return found
+
+
+def test_readme_documents_every_variable_the_code_reads():
+    """The README's configuration reference lists every variable; a new `env = "OPTOUT_..."`
+    without a README row fails here."""
+    found = variables_read_by_the_code()
+    # The scan must see the settings of every binary, or it would pass vacuously.
+    for known in ("OPTOUT_PAGE_SIZE", "OPTOUT_PREFETCH", "OPTOUT_BATCH_SIZE", "OPTOUT_FETCHER_ADDR",
+                  "OPTOUT_GRPC_TLS_CLIENT_CA", "OPTOUT_BIN_DIR", "OPTOUT_CONFIG", "OTEL_SDK_DISABLED",
+                  "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        assert known in found, f"the scan of crates/*/src no longer finds {known}"
+    readme = source("README.md")
+    configuration = readme[readme.index("## Configuration"):]
+    configuration = configuration[: configuration.index("\n## ", 1)]
+    documented = set(re.findall(r"`((?:OPTOUT|OTEL)_[A-Z0-9_]+)`", configuration))
+    missing = sorted(f"{name} ({where})" for name, where in found.items() if name not in documented)
+    assert not missing, f"read by the code but not in README.md's Configuration section: {missing}"
+
+
 def test_every_optout_variable_set_by_the_deploy_files_is_read_by_some_binary(compose):
     rust = "\n".join(path.read_text() for path in (REPO / "crates").rglob("*.rs"))
     names: set[str] = set()
