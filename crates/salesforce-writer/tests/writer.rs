@@ -1324,7 +1324,9 @@ async fn records_for_and_audit_trail_show_salesforce_now_and_every_write() -> Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pausing_under_load_stops_writes_and_resuming_finishes_them_once_each() -> Result<()> {
     use optout_proto::admin::v1::{PauseRequest, ResumeRequest};
-    let mut app = TestApp::spawn(false).await?;
+    // Batches of two: with the default size one batch can take every message at once and be
+    // written before the pause lands (seen in CI); this way most of the work is still queued.
+    let mut app = TestApp::spawn_with(false, &["--batch-size", "2"]).await?;
     let emails: Vec<String> = (0..120)
         .map(|index| format!("load{index}@example.com"))
         .collect();
