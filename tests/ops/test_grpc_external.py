@@ -77,16 +77,20 @@ def evaluator():
             capture_output=True,
         )
         # The queues are declared with a unique prefix; remove them so test runs leave no trace.
+        # rabbitmqctl, not rabbitmqadmin: the latter needs the management plugin, which a plain
+        # install does not enable (and its failures went unnoticed). The two exchanges stay
+        # behind: rabbitmqctl cannot delete one, and an unused exchange costs next to nothing.
+        # (stdin closed: rabbitmqctl reads it, and would swallow whatever the caller feeds.)
         listed = subprocess.run(
-            ["rabbitmqadmin", "-f", "bash", "list", "queues", "name"], capture_output=True, text=True
+            ["rabbitmqctl", "-q", "list_queues", "name"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
         )
         for name in listed.stdout.split():
             if name.startswith(f"ops-{tag}."):
-                subprocess.run(["rabbitmqadmin", "delete", "queue", f"name={name}"], capture_output=True)
-        for kind in ("optout", "optout.dlx"):
-            subprocess.run(
-                ["rabbitmqadmin", "delete", "exchange", f"name=ops-{tag}.{kind}"], capture_output=True
-            )
+                subprocess.run(
+                    ["rabbitmqctl", "-q", "delete_queue", name],
+                    capture_output=True, stdin=subprocess.DEVNULL,
+                )
 
 
 def wait_serving(address):

@@ -469,6 +469,19 @@ async fn an_unsubscribe_is_one_trace_across_all_services_and_the_metrics_match_t
     stop.cancel();
     otlp.await??;
     sandbox.shutdown().await;
+
+    // Leave no trace on the shared broker and database.
+    let connection = optout_amqp::connect(AMQP_URL).await?;
+    let channel = connection.create_channel().await?;
+    optout_amqp::teardown(&channel, &optout_amqp::Topology::new("optout", &prefix, 4)).await?;
+    let database = sqlx::PgPool::connect(DATABASE_URL).await?;
+    for service in ["fetcher", "evaluator", "writer"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{schema}_{service}\" CASCADE"
+        )))
+        .execute(&database)
+        .await?;
+    }
     Ok(())
 }
 
