@@ -1,8 +1,9 @@
 //! Handling `members.changed` batches: apply to the store, then announce dirty persons.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::atomic::{AtomicI64, Ordering},
+    time::Duration,
 };
 
 use chrono::{DateTime, Utc};
@@ -134,8 +135,32 @@ impl Evaluator {
     /// Commits the snapshots, then publishes `persons.dirty` for every email they touch that is opted out or
     /// carries opt-in evidence. Level-triggered: a redelivery after a crash between commit and publish finds
     /// the same state and publishes again.
+    ///
+    /// Opt-outs decided from a first sync (poll pages of an audience not yet fully read) are held
+    /// instead: audiences are paged independently, so the person's subscribed member in another
+    /// audience may not have arrived yet, and checking the box now would invent an opt-out that no
+    /// later sync could take back (a first sync is a baseline, never opt-in evidence).
+    /// [`Evaluator::release_held`] publishes them once the first sync has gone quiet.
     async fn apply(&self, snapshots: &[Snapshot]) -> Result<()> {
         let states = store::apply_batch(&self.pool, &self.scope, snapshots).await?;
+        let first_sync: HashSet<&str> = snapshots
+            .iter()
+            .filter(|snapshot| snapshot.first_sync && snapshot.learned_from == "poll")
+            .map(|snapshot| snapshot.email.as_str())
+            .collect();
+        let held: Vec<String> = states
+            .iter()
+            .filter(|state| {
+                state.decision == Decision::OptOut && first_sync.contains(state.email.as_str())
+            })
+            .map(|state| state.email.clone())
+            .collect();
+        if !first_sync.is_empty() {
+            // After the commit above, like the publish below: a crash in between redelivers the
+            // batch, which finds the same state and holds (or publishes) again.
+            store::hold_first_sync_opt_outs(&self.pool, &held).await?;
+        }
+        let held: HashSet<String> = held.into_iter().collect();
         for state in &states {
             let (counter, decision) = match state.decision {
                 Decision::OptOut => (&self.counters.decisions_opt_out, "opt_out"),
@@ -148,19 +173,57 @@ impl Evaluator {
                 .get_or_create(&DecisionLabels { decision })
                 .inc();
         }
-        self.publish_dirty(&states).await
+        let published: Vec<PersonState> = states
+            .into_iter()
+            .filter(|state| !held.contains(&state.email))
+            .collect();
+        self.publish_dirty(&published).await
     }
 
     async fn publish_dirty(&self, states: &[PersonState]) -> Result<()> {
-        let mut partitions: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-        for state in states
+        let emails: Vec<String> = states
             .iter()
             .filter(|state| state.decision == Decision::OptOut || state.has_evidence)
-        {
+            .map(|state| state.email.clone())
+            .collect();
+        self.publish_emails(&emails).await
+    }
+
+    /// Publishes the held first-sync opt-outs once no first-sync page has arrived for `quiet`
+    /// (every audience's members are then known), or those held longer than `max_hold` whatever
+    /// the first sync is doing; those no longer opted out are dropped without a message. Rows are
+    /// deleted in the transaction that publishes them, committed after the broker confirmed, so a
+    /// crash in between leaves them held. Returns how many rows went.
+    pub(crate) async fn release_held(&self, quiet: Duration, max_hold: Duration) -> Result<usize> {
+        let mut transaction = self.pool.begin().await?;
+        let released =
+            store::take_releasable(&mut transaction, quiet, max_hold, DIRTY_CHUNK * 10).await?;
+        if released.is_empty() {
+            return Ok(0);
+        }
+        let emails: Vec<String> = released
+            .iter()
+            .filter(|(_, opted_out)| *opted_out)
+            .map(|(email, _)| email.clone())
+            .collect();
+        self.publish_emails(&emails).await?;
+        transaction.commit().await?;
+        debug!(
+            released = released.len(),
+            published = emails.len(),
+            "released held first-sync opt-outs"
+        );
+        Ok(released.len())
+    }
+
+    /// `persons.dirty` for `emails`, each to its partition, in chunks.
+    async fn publish_emails(&self, emails: &[String]) -> Result<()> {
+        let mut partitions: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        for email in emails {
             partitions
-                .entry(self.topology.partition_for(&state.email))
+                .entry(self.topology.partition_for(email))
                 .or_default()
-                .push(state.email.clone());
+                .push(email.clone());
         }
         for (partition, emails) in partitions {
             let routing_key = self.topology.persons_dirty_routing_key(partition);

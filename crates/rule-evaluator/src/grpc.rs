@@ -276,16 +276,28 @@ impl Admin for AdminService {
             Some(ready) => queue_statuses(ready).await,
             None => Vec::new(),
         };
+        // Held first-sync opt-outs are work still to do: a sync is not over until they went out.
+        let held = match self.shared.ready.get() {
+            Some(ready) => store::held_count(&ready.pool)
+                .await
+                .unwrap_or_else(|error| {
+                    warn!(%error, "failed to count held opt-outs");
+                    0
+                }),
+            None => 0,
+        };
+        let mut counters = self.shared.counters.snapshot();
+        counters.insert("held_first_sync_opt_outs".to_owned(), held);
         Ok(Response::new(GetStatusResponse {
             service: SERVICE_NAME.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_seconds: self.shared.started.elapsed().as_secs(),
             paused: *self.shared.paused.borrow(),
-            busy: false,
+            busy: held > 0,
             in_flight: self.shared.in_flight.load(Ordering::SeqCst),
             queues,
             audiences: Vec::new(),
-            counters: self.shared.counters.snapshot(),
+            counters,
             last_run_id: String::new(),
             last_run_finished: false,
             salesforce_api_remaining: -1,

@@ -241,6 +241,13 @@ async fn consume_until_shutdown(
         counters: shared.counters.clone(),
     });
     let _ = shared.ready.set(ready);
+    tokio::spawn(release_held_loop(
+        evaluator.clone(),
+        shared.paused.subscribe(),
+        Duration::from_millis(config.first_sync_quiet_ms),
+        Duration::from_secs(config.first_sync_max_hold_secs),
+        shutdown.clone(),
+    ));
     set_health(health, ServingStatus::Serving).await;
     info!(
         queue = topology.members_changed_queue(),
@@ -269,6 +276,35 @@ async fn consume_until_shutdown(
     )
     .await?;
     Ok(())
+}
+
+/// Publishes held first-sync opt-outs as they become releasable (see `Evaluator::release_held`),
+/// checking twice a second; paused with the consumer.
+async fn release_held_loop(
+    evaluator: Arc<Evaluator>,
+    paused: tokio::sync::watch::Receiver<bool>,
+    quiet: Duration,
+    max_hold: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        while !*paused.borrow() && !shutdown.is_cancelled() {
+            match evaluator.release_held(quiet, max_hold).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(error) => {
+                    // The rows stay held; the next tick tries again.
+                    warn!(%error, "failed to release held first-sync opt-outs");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Connects to PostgreSQL (creating the schema and migrating) and RabbitMQ (declaring the topology), retrying

@@ -490,6 +490,67 @@ impl PersonUpdates {
     }
 }
 
+/// Records that a first-sync page was applied and holds the opt-outs it decided (see
+/// `evaluate.rs`). An email already held keeps its first time.
+pub async fn hold_first_sync_opt_outs(pool: &PgPool, emails: &[String]) -> Result<()> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO first_sync_activity (id, last_seen) VALUES (1, now()) \
+         ON CONFLICT (id) DO UPDATE SET last_seen = greatest(first_sync_activity.last_seen, now())",
+    )
+    .execute(&mut *transaction)
+    .await?;
+    if !emails.is_empty() {
+        sqlx::query(
+            "INSERT INTO held_opt_outs (email) SELECT unnest($1::text[]) ON CONFLICT (email) DO NOTHING",
+        )
+        .bind(emails)
+        .execute(&mut *transaction)
+        .await?;
+    }
+    transaction.commit().await?;
+    Ok(())
+}
+
+/// Deletes (in `transaction`, which the caller commits once they are published) up to `limit`
+/// held opt-outs that may go, and returns each with whether its decision is still opt-out: all of them once no first-sync page has been applied for
+/// `quiet`, otherwise those held longer than `max_hold`. Rows another replica is releasing are
+/// skipped.
+pub async fn take_releasable(
+    transaction: &mut sqlx::PgConnection,
+    quiet: std::time::Duration,
+    max_hold: std::time::Duration,
+    limit: usize,
+) -> Result<Vec<(String, bool)>> {
+    // Each with whether it is still opted out: a person whose subscribed member arrived meanwhile
+    // needs no write (and one with opt-in evidence is published by the evidence path).
+    let released = sqlx::query_as(
+        "WITH released AS ( \
+             DELETE FROM held_opt_outs WHERE email IN ( \
+                 SELECT email FROM held_opt_outs \
+                 WHERE NOT EXISTS (SELECT 1 FROM first_sync_activity \
+                                   WHERE last_seen > now() - make_interval(secs => $1)) \
+                    OR held_at < now() - make_interval(secs => $2) \
+                 ORDER BY held_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING email) \
+         SELECT released.email, coalesce(persons.decision = 'opt_out', false) \
+         FROM released LEFT JOIN persons USING (email)",
+    )
+    .bind(quiet.as_secs_f64())
+    .bind(max_hold.as_secs_f64())
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(transaction)
+    .await?;
+    Ok(released)
+}
+
+/// How many first-sync opt-outs are held.
+pub async fn held_count(pool: &PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM held_opt_outs")
+        .fetch_one(pool)
+        .await?)
+}
+
 /// The stored decisions of `emails` (normalised here), in the order asked; unknown emails read as no change,
 /// version 0.
 pub async fn decisions(pool: &PgPool, emails: &[String]) -> Result<Vec<StoredDecision>> {

@@ -127,6 +127,11 @@ impl World {
     }
 
     async fn start(&self) -> anyhow::Result<Evaluator> {
+        self.start_with_quiet_ms("5000").await
+    }
+
+    /// An evaluator that holds first-sync opt-outs until no first-sync page came for `quiet_ms`.
+    async fn start_with_quiet_ms(&self, quiet_ms: &str) -> anyhow::Result<Evaluator> {
         let config = optout_rule_evaluator::Config::try_parse_from_args([
             "--admin-token",
             TOKEN,
@@ -140,6 +145,8 @@ impl World {
             AMQP_URL,
             "--max-wait-ms",
             "20",
+            "--first-sync-quiet-ms",
+            quiet_ms,
         ])?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -416,6 +423,80 @@ async fn person_unsubscribed_everywhere_is_opted_out_and_marked_dirty() -> anyho
         Some(tonic::Code::Unauthenticated)
     );
 
+    world.teardown(vec![evaluator]).await
+}
+
+#[tokio::test]
+async fn first_sync_opt_outs_wait_until_every_audience_is_read() -> anyhow::Result<()> {
+    let mut world = World::new().await?;
+    let evaluator = world.start_with_quiet_ms("1500").await?;
+    // First sync, audience 1: both unsubscribed. Audience 2 comes later and has one of them
+    // subscribed: without the hold, that person would be opted out for a moment, the box
+    // checked, and the later subscribed member (a baseline, no evidence) could not undo it.
+    world
+        .publish(&changed(
+            "aud1",
+            true,
+            &[
+                ("both@example.com", MemberStatus::Unsubscribed, T1),
+                ("split@example.com", MemberStatus::Unsubscribed, T1),
+            ],
+        ))
+        .await?;
+    evaluator.wait_processed(1).await?;
+    let counters = evaluator.counters().await?;
+    assert_eq!(counters["held_first_sync_opt_outs"], 2, "{counters:?}");
+    let mut admin = AdminClient::new(evaluator.channel.clone());
+    let status = admin
+        .get_status(authorized(GetStatusRequest {}))
+        .await?
+        .into_inner();
+    assert!(status.busy, "held opt-outs are work in progress");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    world.drain_dirty()?;
+    assert!(
+        world.dirty.is_empty(),
+        "published while held: {:?}",
+        world.dirty
+    );
+
+    world
+        .publish(&changed(
+            "aud2",
+            true,
+            &[("split@example.com", MemberStatus::Subscribed, T1)],
+        ))
+        .await?;
+    evaluator.wait_processed(2).await?;
+    // Quiet for 1.5 s: the one still opted out goes, the other is dropped.
+    world.wait_dirty("both@example.com").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    world.drain_dirty()?;
+    assert!(
+        !world.dirty.contains("split@example.com"),
+        "a person subscribed in another audience was published: {:?}",
+        world.dirty
+    );
+    assert_eq!(
+        evaluator.decide("split@example.com").await?.decision,
+        Decision::OptIn as i32
+    );
+    eventually("nothing held", || async {
+        Ok(evaluator.counters().await?["held_first_sync_opt_outs"] == 0)
+    })
+    .await?;
+
+    // After the first sync, an opt-out is published at once.
+    world
+        .publish(&changed(
+            "aud2",
+            false,
+            &[("split@example.com", MemberStatus::Unsubscribed, T2)],
+        ))
+        .await?;
+    evaluator.wait_processed(3).await?;
+    assert_eq!(evaluator.counters().await?["held_first_sync_opt_outs"], 0);
+    world.wait_dirty("split@example.com").await?;
     world.teardown(vec![evaluator]).await
 }
 
