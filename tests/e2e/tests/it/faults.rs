@@ -27,6 +27,7 @@ use anyhow::{Context, Result, ensure};
 use optout_cli::sync::SyncOptions;
 use optout_e2e::servers::{PrivatePostgres, PrivateRabbit};
 use optout_e2e::{Role, Stack, StackConfig, eventually, opted_out, record_label};
+use optout_mailchimp::{MemberStatus, MembersQuery};
 use serde_json::{Value, json};
 
 use crate::support::{create_people, email, writable_records};
@@ -223,6 +224,47 @@ async fn inject(
     Ok(note)
 }
 
+/// Every person of the generated org (normalised email) with the statuses of their members.
+async fn org_statuses(stack: &Stack) -> Result<BTreeMap<String, Vec<MemberStatus>>> {
+    use futures::TryStreamExt as _;
+    let mut people: BTreeMap<String, Vec<MemberStatus>> = BTreeMap::new();
+    for list in stack.audiences() {
+        let mut pages = std::pin::pin!(stack.mailchimp().members(list, MembersQuery::default()));
+        while let Some(page) = pages.try_next().await? {
+            for member in page.members {
+                people
+                    .entry(member.email_address.trim().to_lowercase())
+                    .or_default()
+                    .push(member.status);
+            }
+        }
+    }
+    Ok(people)
+}
+
+/// The opt-out box of every writable record of `emails`, by record id, with the email asked.
+async fn boxes(
+    stack: &Stack,
+    emails: &[&String],
+) -> Result<BTreeMap<String, (String, Option<bool>)>> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let records: Vec<(String, Vec<Value>)> = futures::stream::iter(emails)
+        .map(|email| async move {
+            Ok::<_, anyhow::Error>(((*email).clone(), writable_records(stack, email).await?))
+        })
+        .buffer_unordered(16)
+        .try_collect()
+        .await?;
+    Ok(records
+        .iter()
+        .flat_map(|(email, records)| records.iter().map(move |record| (email, record)))
+        .map(|(email, record)| {
+            let id = record.get("Id").and_then(Value::as_str).unwrap_or_default();
+            (id.to_owned(), (email.clone(), opted_out(record)))
+        })
+        .collect())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_opt_out_is_lost_or_undone_under_fifty_faults() -> Result<()> {
     let seed = knob("OPTOUT_FAULTS_SEED", 20_261_127);
@@ -273,6 +315,13 @@ async fn no_opt_out_is_lost_or_undone_under_fifty_faults() -> Result<()> {
     })
     .await?;
     println!("service logs in {}", logs.display());
+
+    // The generated org, as it stands before any sync: its people never change during the run,
+    // so at the end their boxes must follow the rule on these statuses (checked where every
+    // member is unsubscribed, untouched otherwise: a first sync is no opt-in evidence).
+    let generated = org_statuses(&stack).await?;
+    let generated_emails: Vec<&String> = generated.keys().collect();
+    let generated_before = boxes(&stack, &generated_emails).await?;
 
     // The people the test follows: subscribed everywhere with unchecked records, and the pinned
     // ones, who check their own box in Salesforce and never touch Mailchimp.
@@ -416,6 +465,34 @@ async fn no_opt_out_is_lost_or_undone_under_fifty_faults() -> Result<()> {
             ));
         }
     }
+    // The whole generated org equals the rule.
+    let mut generated_wrong = 0;
+    for (id, (email, value)) in boxes(&stack, &generated_emails).await? {
+        let statuses = &generated[&email];
+        let expected = if statuses
+            .iter()
+            .all(|status| *status == MemberStatus::Unsubscribed)
+        {
+            Some(true)
+        } else {
+            generated_before.get(&id).and_then(|(_, before)| *before)
+        };
+        if value != expected {
+            generated_wrong += 1;
+            if generated_wrong <= 10 {
+                failures.push(format!(
+                    "{email} (generated, statuses {statuses:?}): record {id} is {value:?}, \
+                     expected {expected:?}"
+                ));
+            }
+        }
+    }
+    if generated_wrong > 10 {
+        failures.push(format!(
+            "... {generated_wrong} generated records wrong in all"
+        ));
+    }
+
     let depths = stack.queue_depths().await?;
     let dead_letters: BTreeMap<&String, &u64> = depths
         .iter()
@@ -433,10 +510,13 @@ async fn no_opt_out_is_lost_or_undone_under_fifty_faults() -> Result<()> {
     }
     println!(
         "{} faults in {:.1}s ({by_kind:?}); {} service exits restarted; people: {counts:?}, \
-         {PINNED} pinned; dead letters {dead_letters:?}",
+         {PINNED} pinned; generated org: {} people, {} records, {generated_wrong} wrong; \
+         dead letters {dead_letters:?}",
         faults.len(),
         chaos.as_secs_f64(),
-        revived.len()
+        revived.len(),
+        generated.len(),
+        generated_before.len()
     );
     ensure!(
         failures.is_empty(),
