@@ -512,18 +512,18 @@ pub async fn hold_first_sync_opt_outs(pool: &PgPool, emails: &[String]) -> Resul
     Ok(())
 }
 
-/// Deletes (in `transaction`, which the caller commits once they are published) up to `limit`
-/// held opt-outs that may go, and returns each with whether its decision is still opt-out: all of them once no first-sync page has been applied for
-/// `quiet`, otherwise those held longer than `max_hold`. Rows another replica is releasing are
-/// skipped.
+/// Deletes up to `limit` held opt-outs that may go (all of them once no first-sync page has been
+/// applied for `quiet`, otherwise those held longer than `max_hold`) in `transaction`, which the
+/// caller commits once they are published, and returns each with whether its decision is still
+/// opt-out. Rows another replica is releasing are skipped.
 pub async fn take_releasable(
     transaction: &mut sqlx::PgConnection,
     quiet: std::time::Duration,
     max_hold: std::time::Duration,
     limit: usize,
 ) -> Result<Vec<(String, bool)>> {
-    // Each with whether it is still opted out: a person whose subscribed member arrived meanwhile
-    // needs no write (and one with opt-in evidence is published by the evidence path).
+    // A person whose subscribed member arrived meanwhile needs no write (and one with opt-in
+    // evidence is published by the evidence path).
     let released = sqlx::query_as(
         "WITH released AS ( \
              DELETE FROM held_opt_outs WHERE email IN ( \
