@@ -411,9 +411,11 @@ async fn bulk_update_job_reports_successes_and_failures() -> Result<()> {
         "Id,HasOptedOutOfEmail\n{},true\n{},TRUE\n{},true\n",
         ids[0], ids[1], ids[2]
     );
-    let result = client.bulk_update("Contact", csv).await?;
+    let result = client.bulk_update("Contact", csv.clone(), 3).await?;
     assert!(result.job_id.starts_with("750"));
-    assert_eq!(result.successful.len(), 2);
+    // Every row was processed, so the successes are the rows not in failedResults: not downloaded.
+    assert!(result.rest_succeeded);
+    assert!(result.successful.is_empty());
     assert_eq!(result.failed.len(), 1);
     assert_eq!(result.failed[0]["sf__Id"], ids[2]);
     assert!(
@@ -421,11 +423,41 @@ async fn bulk_update_job_reports_successes_and_failures() -> Result<()> {
         "{:?}",
         result.failed
     );
+    assert_eq!(bulk_result_reads(&sandbox), (0, 1));
+
+    // When the job processed fewer rows than were sent, both lists must be read.
+    let result = client.bulk_update("Contact", csv, 4).await?;
+    assert!(!result.rest_succeeded);
+    assert_eq!(result.successful.len(), 2);
+    assert_eq!(result.failed.len(), 1);
+    assert_eq!(bulk_result_reads(&sandbox), (1, 2));
+
+    // Nothing failed: the status read is the only call after closing the job.
+    let clean = format!("Id,HasOptedOutOfEmail\n{},true\n", ids[0]);
+    let result = client.bulk_update("Contact", clean, 1).await?;
+    assert!(result.rest_succeeded && result.failed.is_empty());
+    assert_eq!(bulk_result_reads(&sandbox), (1, 2));
     let opted: Vec<Row> = client
         .query("SELECT Id FROM Contact WHERE HasOptedOutOfEmail = true")
         .await?;
     assert_eq!(opted.len(), 2);
     Ok(())
+}
+
+/// Calls to `successfulResults` and `failedResults` the sandbox counted so far.
+fn bulk_result_reads(sandbox: &TestOrg) -> (u64, u64) {
+    let stats = sandbox.shared.stats.snapshot();
+    let count = |route: &str| {
+        stats
+            .calls
+            .values()
+            .flat_map(|per| per.get(route))
+            .sum::<u64>()
+    };
+    (
+        count("GET /jobs/ingest/{job}/successfulResults"),
+        count("GET /jobs/ingest/{job}/failedResults"),
+    )
 }
 
 #[tokio::test]
