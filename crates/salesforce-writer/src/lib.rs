@@ -9,6 +9,7 @@
 
 mod admin;
 pub mod auto_optout;
+mod coalesce;
 pub mod config;
 mod dry_run;
 mod metrics;
@@ -475,6 +476,12 @@ async fn start_and_work(
     // partitions, so among all writer replicas exactly one handles a given email at a time. That
     // keeps two writers from reading the same record, diffing and writing opposite values in an
     // interleaved order; the version re-check after writing covers the decision moving meanwhile.
+    let coalescer = coalesce::Coalescer::spawn(
+        Arc::clone(&writer),
+        Arc::clone(&state.in_flight),
+        config.batch_wait(),
+        &tasks,
+    );
     for queue in topology.persons_dirty_queues() {
         tasks.spawn(consume_partition(
             Arc::clone(&state),
@@ -482,8 +489,11 @@ async fn start_and_work(
             topology.clone(),
             queue,
             observability.consumers.clone(),
+            coalescer.clone(),
         ));
     }
+    // The pass task ends once the consumers, holding the clones, have stopped.
+    drop(coalescer);
     if let Some(auto) = auto {
         let period = config.poll_interval().unwrap_or(Duration::from_secs(60));
         tasks.spawn(auto_optout::run_loop(
@@ -534,6 +544,7 @@ async fn consume_partition(
     topology: Topology,
     queue: String,
     metrics: ConsumerMetrics,
+    coalescer: coalesce::Coalescer,
 ) {
     let mut failures: u32 = 0;
     loop {
@@ -544,7 +555,7 @@ async fn consume_partition(
             paused: state.paused.subscribe(),
             in_flight: Arc::clone(&state.in_flight),
         };
-        let writer = Arc::clone(&state.writer);
+        let coalescer = coalescer.clone();
         let result = optout_amqp::consume_with_metrics::<PersonsDirty, _, _>(
             &state.amqp,
             &topology,
@@ -553,8 +564,8 @@ async fn consume_partition(
             metrics.clone(),
             state.shutdown.clone(),
             move |messages| {
-                let writer = Arc::clone(&writer);
-                async move { writer.handle_batch(&messages).await }
+                let coalescer = coalescer.clone();
+                async move { coalescer.handle_batch(&messages).await }
             },
         )
         .await;

@@ -249,59 +249,22 @@ impl Writer {
         self.busy.load(Ordering::SeqCst) > 0
     }
 
-    /// Handles one batch of `persons.dirty` messages and says what to do with each.
-    pub(crate) async fn handle_batch(&self, messages: &[Message<PersonsDirty>]) -> Vec<Outcome> {
+    /// One write pass over dirty emails (normalised, distinct) from Mailchimp changes; returns
+    /// the emails whose records stayed locked, whose messages must be redelivered.
+    pub(crate) async fn write_dirty(
+        &self,
+        emails: &[String],
+        trace_ids: HashMap<String, String>,
+    ) -> Result<BTreeSet<String>> {
         let _busy = self.busy_guard();
         self.counters.add("batches", 1);
-        let mut emails = BTreeSet::new();
-        let mut trace_ids = HashMap::new();
-        for message in messages {
-            let trace_id = traceparent(&message.headers)
-                .and_then(|value| plan::trace_id_from_traceparent(&value));
-            for email in &message.body.emails {
-                let email = plan::normalize_email(email);
-                if email.is_empty() {
-                    continue;
-                }
-                if let Some(trace_id) = &trace_id {
-                    trace_ids
-                        .entry(email.clone())
-                        .or_insert_with(|| trace_id.clone());
-                }
-                emails.insert(email);
-            }
-        }
-        let emails: Vec<String> = emails.into_iter().collect();
         let options = ApplyOptions {
             trigger: Trigger::Mailchimp,
             dry_run: false,
             opt_out_only: false,
             trace_ids,
         };
-        match self.apply(&emails, &options).await {
-            Ok(report) => messages
-                .iter()
-                .map(|message| {
-                    let needs_retry = message
-                        .body
-                        .emails
-                        .iter()
-                        .any(|email| report.retry.contains(&plan::normalize_email(email)));
-                    if needs_retry {
-                        Outcome::Retry("salesforce records stayed locked".to_owned())
-                    } else {
-                        Outcome::Ack
-                    }
-                })
-                .collect(),
-            Err(error) => {
-                tracing::warn!(%error, messages = messages.len(), "batch failed, messages will be redelivered");
-                messages
-                    .iter()
-                    .map(|_| Outcome::Retry(error.to_string()))
-                    .collect()
-            }
-        }
+        Ok(self.apply(emails, &options).await?.retry)
     }
 
     /// Current decisions for `emails`, asked in chunks.
@@ -542,7 +505,10 @@ impl Writer {
         let selected: Vec<&Change> = indexes.iter().map(|index| &changes[*index]).collect();
         let csv = plan::bulk_csv(object, &selected);
         tracing::info!(%object, records = indexes.len(), "writing through a bulk job");
-        let result = self.salesforce.bulk_update(object.sobject(), csv).await?;
+        let result = self
+            .salesforce
+            .bulk_update(object.sobject(), csv, indexes.len() as u64)
+            .await?;
         self.counters.add("bulk_jobs", 1);
         // Bulk results are not in input order: match them by record id.
         let by_id: HashMap<&str, usize> = indexes
@@ -567,7 +533,13 @@ impl Writer {
                 outcomes[index] = Some(RecordOutcome::from_error(&status_code, &message));
             }
         }
-        // Records in neither list stay `None` and are retried through collections.
+        if result.rest_succeeded {
+            // Every row was processed: those not listed as failed were written.
+            for index in indexes {
+                outcomes[*index].get_or_insert(RecordOutcome::Written);
+            }
+        }
+        // Otherwise records in neither list stay `None` and are retried through collections.
         Ok(())
     }
 
@@ -684,6 +656,58 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// The distinct normalised emails of `messages`, with the trace id of the first message that
+/// carried each.
+pub(crate) fn dirty_emails(
+    messages: &[Message<PersonsDirty>],
+) -> (BTreeSet<String>, HashMap<String, String>) {
+    let mut emails = BTreeSet::new();
+    let mut trace_ids = HashMap::new();
+    for message in messages {
+        let trace_id =
+            traceparent(&message.headers).and_then(|value| plan::trace_id_from_traceparent(&value));
+        for email in &message.body.emails {
+            let email = plan::normalize_email(email);
+            if email.is_empty() {
+                continue;
+            }
+            if let Some(trace_id) = &trace_id {
+                trace_ids
+                    .entry(email.clone())
+                    .or_insert_with(|| trace_id.clone());
+            }
+            emails.insert(email);
+        }
+    }
+    (emails, trace_ids)
+}
+
+/// What to do with each message once its emails were written: redeliver it when the pass
+/// failed (`Err`, its reason) or any of its emails is in the retry set, else acknowledge it.
+pub(crate) fn outcomes(
+    messages: &[Message<PersonsDirty>],
+    result: &std::result::Result<Arc<BTreeSet<String>>, String>,
+) -> Vec<Outcome> {
+    messages
+        .iter()
+        .map(|message| match result {
+            Err(reason) => Outcome::Retry(reason.clone()),
+            Ok(retry) => {
+                let locked = message
+                    .body
+                    .emails
+                    .iter()
+                    .any(|email| retry.contains(&plan::normalize_email(email)));
+                if locked {
+                    Outcome::Retry("salesforce records stayed locked".to_owned())
+                } else {
+                    Outcome::Ack
+                }
+            }
+        })
+        .collect()
 }
 
 /// The collection update of one change.
