@@ -22,6 +22,8 @@ use crate::stats::{Stats, calls_between};
 pub struct BaselineReport {
     /// Generated memberships.
     pub members: u64,
+    /// Latency the sandbox added to every API call, ms.
+    pub latency_ms: u64,
     /// Wall time measured by the script itself (interpreter start-up excluded), ms.
     pub wall_ms: u64,
     /// Of which paging Mailchimp, ms.
@@ -51,6 +53,8 @@ pub struct BaselineSetup {
     pub bin_dir: PathBuf,
     /// Longest run allowed.
     pub timeout: Duration,
+    /// Latency the sandbox adds to every Mailchimp and Salesforce call, ms.
+    pub latency_ms: u64,
 }
 
 /// Runs the baseline on a fresh sandbox of `members` memberships.
@@ -94,6 +98,15 @@ async fn run_on(setup: &BaselineSetup, info: &Value, members: u64) -> Result<Bas
     std::fs::write(&info_file, serde_json::to_vec(info)?)
         .with_context(|| format!("writing {}", info_file.display()))?;
     let http = reqwest::Client::builder().no_proxy().build()?;
+    if setup.latency_ms > 0 {
+        let faults_url = stats_url.replace("/_sandbox/stats", "/_sandbox/faults");
+        http.put(&faults_url)
+            .json(&crate::phases::latency_faults(setup.latency_ms))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .with_context(|| format!("setting the baseline sandbox's latency at {faults_url}"))?;
+    }
     let before = Stats::read(&http, stats_url).await?;
     let started = Instant::now();
     let output = run_script(setup, &info_file).await;
@@ -112,6 +125,7 @@ async fn run_on(setup: &BaselineSetup, info: &Value, members: u64) -> Result<Bas
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let report = BaselineReport {
         members,
+        latency_ms: setup.latency_ms,
         wall_ms: (number("elapsed_s") * 1000.0) as u64,
         mailchimp_ms: (number("mailchimp_s") * 1000.0) as u64,
         members_read: number("members_read") as u64,

@@ -43,6 +43,10 @@ pub struct BenchOptions {
     pub baseline_members: u64,
     /// Skip the baseline.
     pub skip_baseline: bool,
+    /// Latency the sandbox adds to every Mailchimp and Salesforce call in a second comparison
+    /// with the baseline (the first has none); 0 skips it. Real API calls take tens to hundreds
+    /// of milliseconds, which the in-process sandbox otherwise leaves out.
+    pub api_latency_ms: u64,
     /// The Python interpreter with `mailchimp-marketing` and `simple-salesforce`.
     pub python: PathBuf,
     /// `baseline.py`.
@@ -66,6 +70,7 @@ impl Default for BenchOptions {
             small_members: 100_000,
             baseline_members: 100_000,
             skip_baseline: false,
+            api_latency_ms: 50,
             python: crate_dir.join("../../.venv/bin/python"),
             baseline_script: crate_dir.join("baseline.py"),
             sync_timeout: Duration::from_secs(900),
@@ -77,26 +82,35 @@ impl Default for BenchOptions {
 /// Runs everything the options ask for; the caller prints or checks the report.
 pub async fn run(options: &BenchOptions) -> Result<Report> {
     let mut report = Report::new(options);
-    let main = phases::run_size(options, options.members, true).await?;
+    let main = phases::run_size(options, options.members, true, 0).await?;
     report.runs.push(main);
     if options.small_members > 0 && options.small_members != options.members {
-        let small = phases::run_size(options, options.small_members, false).await?;
+        let small = phases::run_size(options, options.small_members, false, 0).await?;
         report.runs.push(small);
     }
-    if !options.skip_baseline && options.baseline_members > 0 {
+    if options.skip_baseline || options.baseline_members == 0 {
+        return Ok(report);
+    }
+    let mut latencies = vec![0];
+    if options.api_latency_ms > 0 {
+        latencies.push(options.api_latency_ms);
+    }
+    for latency_ms in latencies {
         if !report
             .runs
             .iter()
-            .any(|run| run.members == options.baseline_members)
+            .any(|run| run.members == options.baseline_members && run.api_latency_ms == latency_ms)
         {
-            let same_size = phases::run_size(options, options.baseline_members, false).await?;
-            report.runs.push(same_size);
+            let same =
+                phases::run_size(options, options.baseline_members, false, latency_ms).await?;
+            report.runs.push(same);
         }
         let setup = baseline::BaselineSetup {
             python: options.python.clone(),
             script: options.baseline_script.clone(),
             bin_dir: optout_e2e::target_dir()?,
             timeout: Duration::from_secs(3600),
+            latency_ms,
         };
         let baseline = baseline::run(
             &setup,

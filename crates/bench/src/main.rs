@@ -43,6 +43,10 @@ struct Args {
     /// Skip the Python baseline.
     #[arg(long)]
     skip_baseline: bool,
+    /// Latency the sandbox adds to every API call in the second comparison with the baseline
+    /// (0 skips that comparison).
+    #[arg(long, default_value_t = 50)]
+    api_latency_ms: u64,
     /// Python with mailchimp-marketing and simple-salesforce (default: the repository's .venv).
     #[arg(long)]
     python: Option<PathBuf>,
@@ -71,6 +75,7 @@ async fn main() -> ExitCode {
         small_members: args.small_members,
         baseline_members: args.baseline_members,
         skip_baseline: args.skip_baseline,
+        api_latency_ms: args.api_latency_ms,
         python: args.python.unwrap_or(defaults.python),
         baseline_script: defaults.baseline_script,
         sync_timeout: Duration::from_secs(args.sync_timeout_secs),

@@ -133,12 +133,22 @@ pub struct SizeReport {
     pub people: u64,
     /// Time to generate the org and start every process, ms.
     pub stack_start_ms: u64,
+    /// Latency the sandbox added to every Mailchimp and Salesforce call while measuring, ms.
+    pub api_latency_ms: u64,
     /// Measured syncs.
     pub phases: Vec<PhaseReport>,
     /// Webhook latency, when measured.
     pub webhooks: Option<WebhookReport>,
     /// Memory after each phase.
     pub memory: Vec<MemoryReading>,
+}
+
+/// The sandbox's fault settings that add `latency_ms` to every call of both APIs and nothing else.
+pub(crate) fn latency_faults(latency_ms: u64) -> serde_json::Value {
+    serde_json::json!({
+        "mailchimp": { "latency_ms": latency_ms },
+        "salesforce": { "latency_ms": latency_ms },
+    })
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -154,11 +164,13 @@ fn unix_millis() -> i64 {
 }
 
 /// Starts a stack of `members`, measures the initial sync and, when `full`, the incremental
-/// sync and the webhooks; always shuts the stack down (queues and schemas removed).
+/// sync and the webhooks, with `api_latency_ms` added to every API call once the org has been
+/// read; always shuts the stack down (queues and schemas removed).
 pub(crate) async fn run_size(
     options: &BenchOptions,
     members: u64,
     full: bool,
+    api_latency_ms: u64,
 ) -> Result<SizeReport> {
     let secret = format!("whsec-{:016x}", fastrand::u64(..));
     let config = StackConfig {
@@ -173,7 +185,16 @@ pub(crate) async fn run_size(
     let started = Instant::now();
     let mut stack = Stack::start(config).await?;
     let stack_start_ms = millis(started.elapsed());
-    let result = measure(&mut stack, options, members, full, &secret, stack_start_ms).await;
+    let result = measure(
+        &mut stack,
+        options,
+        members,
+        full,
+        &secret,
+        stack_start_ms,
+        api_latency_ms,
+    )
+    .await;
     let shutdown = stack.shutdown().await;
     let report = result?;
     shutdown.context("shutting the stack down")?;
@@ -187,13 +208,18 @@ async fn measure(
     full: bool,
     secret: &str,
     stack_start_ms: u64,
+    api_latency_ms: u64,
 ) -> Result<SizeReport> {
     let salesforce = salesforce_client(stack.sandbox_info())?;
     let mut org = Org::read(stack.mailchimp(), stack.audiences()).await?;
+    if api_latency_ms > 0 {
+        stack.set_faults(latency_faults(api_latency_ms)).await?;
+    }
     let mut report = SizeReport {
         members,
         people: org.persons.len() as u64,
         stack_start_ms,
+        api_latency_ms,
         ..SizeReport::default()
     };
     eprintln!(

@@ -30,6 +30,8 @@ pub struct Conditions {
 pub struct Comparison {
     /// Memberships of that org.
     pub members: u64,
+    /// Latency the sandbox added to every API call in both runs, ms.
+    pub api_latency_ms: u64,
     /// Our initial sync, ms.
     pub ours_wall_ms: u64,
     /// Our Salesforce calls.
@@ -51,8 +53,8 @@ pub struct Report {
     pub conditions: Conditions,
     /// One entry per stack size, the main (largest) run first.
     pub runs: Vec<SizeReport>,
-    /// The baseline comparison, unless skipped.
-    pub comparison: Option<Comparison>,
+    /// The baseline comparisons (without and with API latency), unless skipped.
+    pub comparisons: Vec<Comparison>,
 }
 
 impl Report {
@@ -76,24 +78,28 @@ impl Report {
                     .unwrap_or_default(),
             },
             runs: Vec::new(),
-            comparison: None,
+            comparisons: Vec::new(),
         }
     }
 
-    /// Adds the baseline, compared with our initial sync on an org of the same size.
+    /// Adds the baseline, compared with our initial sync on an org of the same size and under
+    /// the same API latency.
     pub fn compare(&mut self, baseline: BaselineReport) {
         let ours = self
             .runs
             .iter()
-            .find(|run| run.members == baseline.members)
+            .find(|run| {
+                run.members == baseline.members && run.api_latency_ms == baseline.latency_ms
+            })
             .and_then(|run| run.phases.first());
         let Some(ours) = ours else {
             return;
         };
         #[allow(clippy::cast_precision_loss)]
         let ratio = |theirs: u64, ours: u64| theirs as f64 / (ours.max(1)) as f64;
-        self.comparison = Some(Comparison {
+        self.comparisons.push(Comparison {
             members: baseline.members,
+            api_latency_ms: baseline.latency_ms,
             ours_wall_ms: ours.wall_ms,
             ours_salesforce_calls: ours.salesforce.calls,
             ours_records_written: ours.records_written,
@@ -145,10 +151,11 @@ impl fmt::Display for Report {
         for run in &self.runs {
             writeln!(
                 out,
-                "\n== {} members ({} people), stack start {:.1} s",
+                "\n== {} members ({} people), stack start {:.1} s, API latency {} ms",
                 run.members,
                 run.people,
-                secs(run.stack_start_ms)
+                secs(run.stack_start_ms),
+                run.api_latency_ms
             )?;
             writeln!(
                 out,
@@ -228,12 +235,12 @@ impl fmt::Display for Report {
                 .collect();
             writeln!(out, "peak RSS     {}", memory.join(", "))?;
         }
-        if let Some(comparison) = &self.comparison {
+        for comparison in &self.comparisons {
             let baseline = &comparison.baseline;
             writeln!(
                 out,
-                "\n== baseline (Python, official clients, record by record) on {} members",
-                comparison.members
+                "\n== baseline (Python, official clients, record by record) on {} members, API latency {} ms",
+                comparison.members, comparison.api_latency_ms
             )?;
             writeln!(
                 out,

@@ -126,6 +126,7 @@ async fn the_baseline_pages_everything_and_writes_record_by_record() -> Result<(
         script: defaults.baseline_script,
         bin_dir: optout_e2e::target_dir()?,
         timeout: Duration::from_secs(120),
+        latency_ms: 0,
     };
     let report = baseline::run(&setup, 8, 3, 3_000).await?;
     println!("{report:?}");
