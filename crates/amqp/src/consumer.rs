@@ -44,6 +44,21 @@ pub enum Outcome {
     Retry(String),
 }
 
+/// A message body the consumer can decode. Every protobuf message is one, decoded whatever the AMQP
+/// `type` property says; a consumer of a queue that carries several message types implements it for
+/// an enum of them and picks by `type`.
+pub trait Body: Sized + Send + 'static {
+    /// Decodes `data`, published with the AMQP `type` property `message_type` (empty when absent).
+    /// The error is the dead-letter reason.
+    fn decode_body(message_type: &str, data: &[u8]) -> std::result::Result<Self, String>;
+}
+
+impl<M: prost::Message + Default + Send + 'static> Body for M {
+    fn decode_body(_message_type: &str, data: &[u8]) -> std::result::Result<Self, String> {
+        M::decode(data).map_err(|error| format!("undecodable protobuf: {error}"))
+    }
+}
+
 /// One decoded delivery handed to a handler.
 #[derive(Clone, Debug)]
 pub struct Message<M> {
@@ -95,7 +110,7 @@ pub async fn consume<M, F, Fut>(
     handler: F,
 ) -> Result<()>
 where
-    M: prost::Message + Default + Send + 'static,
+    M: Body,
     F: FnMut(Vec<Message<M>>) -> Fut + Send,
     Fut: Future<Output = Vec<Outcome>> + Send,
 {
@@ -122,7 +137,7 @@ pub async fn consume_with_metrics<M, F, Fut>(
     mut handler: F,
 ) -> Result<()>
 where
-    M: prost::Message + Default + Send + 'static,
+    M: Body,
     F: FnMut(Vec<Message<M>>) -> Fut + Send,
     Fut: Future<Output = Vec<Outcome>> + Send,
 {
@@ -221,7 +236,7 @@ async fn run_session<M, F, Fut>(
     handler: &mut F,
 ) -> Result<SessionEnd>
 where
-    M: prost::Message + Default + Send + 'static,
+    M: Body,
     F: FnMut(Vec<Message<M>>) -> Fut + Send,
     Fut: Future<Output = Vec<Outcome>> + Send,
 {
@@ -338,14 +353,20 @@ impl Worker<'_> {
         shutdown: &CancellationToken,
     ) -> Result<()>
     where
-        M: prost::Message + Default + Send + 'static,
+        M: Body,
         F: FnMut(Vec<Message<M>>) -> Fut + Send,
         Fut: Future<Output = Vec<Outcome>> + Send,
     {
         let mut decoded = Vec::with_capacity(batch.len());
         let mut deliveries = Vec::with_capacity(batch.len());
         for delivery in batch {
-            match M::decode(delivery.data.as_slice()) {
+            let message_type = delivery
+                .properties
+                .kind()
+                .as_ref()
+                .map(|kind| kind.as_str())
+                .unwrap_or_default();
+            match M::decode_body(message_type, delivery.data.as_slice()) {
                 Ok(body) => {
                     let headers = delivery.properties.headers().clone().unwrap_or_default();
                     decoded.push(Message {
@@ -361,9 +382,8 @@ impl Worker<'_> {
                     });
                     deliveries.push(delivery);
                 }
-                Err(error) => {
-                    self.dead_letter(&delivery, &format!("undecodable protobuf: {error}"))
-                        .await?;
+                Err(reason) => {
+                    self.dead_letter(&delivery, &reason).await?;
                 }
             }
         }
@@ -386,7 +406,7 @@ impl Worker<'_> {
         shutdown: &CancellationToken,
     ) -> Result<()>
     where
-        M: prost::Message + Default + Send + 'static,
+        M: Body,
         F: FnMut(Vec<Message<M>>) -> Fut + Send,
         Fut: Future<Output = Vec<Outcome>> + Send,
     {

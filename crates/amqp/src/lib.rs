@@ -12,7 +12,7 @@ pub mod observe;
 mod publisher;
 mod topology;
 
-pub use consumer::{ConsumeOptions, Message, Outcome, consume, consume_with_metrics};
+pub use consumer::{Body, ConsumeOptions, Message, Outcome, consume, consume_with_metrics};
 pub use observe::ConsumerMetrics;
 pub use publisher::Publisher;
 pub use topology::{
