@@ -186,6 +186,7 @@ impl Realtime {
             members,
             first_sync,
             run_id: format!("{prefix}:{}", uuid::Uuid::new_v4()),
+            page: 0,
         };
         let publisher = self.publisher().await?;
         let published = publisher

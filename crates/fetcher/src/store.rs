@@ -101,6 +101,26 @@ pub async fn audience(pool: &PgPool, audience_id: &str) -> Result<Option<Audienc
     row.as_ref().map(audience_from_row).transpose()
 }
 
+/// Those of `audience_ids` whose first sync has not completed (never started, or started and not
+/// finished), in the order given.
+pub(crate) async fn first_sync_pending(
+    pool: &PgPool,
+    audience_ids: &[String],
+) -> Result<Vec<String>> {
+    let completed: Vec<String> = sqlx::query_scalar(
+        "SELECT audience_id FROM audience_watermarks \
+         WHERE audience_id = ANY($1) AND first_sync_completed_at IS NOT NULL",
+    )
+    .bind(audience_ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(audience_ids
+        .iter()
+        .filter(|audience_id| !completed.contains(audience_id))
+        .cloned()
+        .collect())
+}
+
 /// Records that paging of `audience_id` starts now and returns its progress as of now.
 pub(crate) async fn start_audience(
     connection: &mut PgConnection,

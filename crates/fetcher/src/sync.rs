@@ -2,6 +2,11 @@
 //! each page as one `MembersChanged` (waiting for the broker's confirm), and moves the watermark only
 //! once every page of the audience is confirmed. One run at a time per process; a per-audience lease
 //! keeps replicas from paging the same audience at once.
+//!
+//! A first sync is framed by `FirstSyncMarker`s on the same routing key, so that the evaluator can
+//! hold the opt-outs it decides until every first-syncing audience has been read: the run announces
+//! the audiences whose first sync has not completed, and each audience's first sync says when it
+//! starts and, once every page is confirmed, how many pages it published (numbered from 1).
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +22,9 @@ use futures::{StreamExt, stream};
 use lapin::types::FieldTable;
 use optout_amqp::{MEMBERS_CHANGED_ROUTING_KEY, Publisher, Topology};
 use optout_mailchimp::{MailchimpClient, Member, MemberStatus, MembersQuery};
-use optout_proto::queue::v1::{self as queue, MemberSnapshot, MembersChanged, Source};
+use optout_proto::queue::v1::{
+    self as queue, FirstSyncMarker, MemberSnapshot, MembersChanged, Source, first_sync_marker,
+};
 use optout_telemetry::SpanExt as _;
 use sqlx::PgPool;
 use tokio::sync::{Mutex, watch};
@@ -580,6 +587,17 @@ impl Fetcher {
             })
             .collect();
         info!(audiences = audience_ids.len(), %run_start, "sync run started");
+        // Every audience in scope, not only those of a narrowed run: a person's membership in an
+        // audience not yet read is unknown whichever run will read it.
+        let (in_scope, _) = select_audiences(&known, &self.inner.settings.audiences, &[]);
+        self.announce_first_syncs(&publisher, run_id, run_start, &in_scope)
+            .await
+            .map_err(|error| {
+                format!(
+                    "failed to announce the audiences' first syncs: {}",
+                    error.chain()
+                )
+            })?;
         let publisher = &publisher;
         let synced: Vec<_> = stream::iter(audience_ids)
             .map(|audience_id| async move {
@@ -602,6 +620,27 @@ impl Fetcher {
             .await;
         outcomes.extend(synced);
         Ok(outcomes)
+    }
+
+    /// Tells the evaluator which audiences in scope have not completed their first sync, before any
+    /// page of the run: opt-outs decided from first-sync pages are held until each of them has sent
+    /// its `Done` marker and every page it counted was applied.
+    async fn announce_first_syncs(
+        &self,
+        publisher: &Publisher,
+        run_id: &str,
+        run_start: DateTime<Utc>,
+        audience_ids: &[String],
+    ) -> Result<()> {
+        let pending = store::first_sync_pending(&self.inner.pool, audience_ids).await?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        info!(audiences = ?pending, "announcing first syncs");
+        let announced = first_sync_marker::Marker::Announced(first_sync_marker::Announced {
+            audience_ids: pending,
+        });
+        publish_marker(publisher, run_id, run_start, announced).await
     }
 
     async fn sync_audience(
@@ -651,6 +690,13 @@ impl Fetcher {
         // Read after taking the lease, so a replica's just-finished sync is seen.
         let row = store::start_audience(lease.connection(), audience_id).await?;
         let first_sync = row.first_sync_completed_at.is_none();
+        if first_sync {
+            let started = first_sync_marker::Marker::Started(first_sync_marker::Started {
+                audience_id: audience_id.to_owned(),
+            });
+            publish_marker(publisher, run_id, run_start, started).await?;
+        }
+        let mut pages_published: u32 = 0;
         let since = if full {
             None
         } else {
@@ -695,12 +741,14 @@ impl Fetcher {
             }
             let page_len = page.members.len() as u64;
             if !page.members.is_empty() {
+                pages_published += 1;
                 let message = MembersChanged {
                     audience_id: audience_id.to_owned(),
                     source: Source::Poll as i32,
                     members: page.members.iter().map(snapshot).collect(),
                     first_sync,
                     run_id: run_id.to_owned(),
+                    page: pages_published,
                 };
                 publisher
                     .publish_typed(
@@ -721,6 +769,15 @@ impl Fetcher {
                 Step::Next(_) => {}
             }
         }
+        if first_sync {
+            // Before the first sync is recorded complete: should this fail, the next run announces
+            // the audience again and pages it from the start.
+            let done = first_sync_marker::Marker::Done(first_sync_marker::Done {
+                audience_id: audience_id.to_owned(),
+                pages: pages_published,
+            });
+            publish_marker(publisher, run_id, run_start, done).await?;
+        }
         store::complete_audience(lease.connection(), audience_id, run_start).await?;
         info!(requests, %run_start, "audience synced; watermark moved");
         Ok(AudienceOutcome::Completed)
@@ -729,6 +786,25 @@ impl Fetcher {
     fn should_stop(&self) -> bool {
         self.is_paused() || self.inner.shutdown.is_cancelled()
     }
+}
+
+/// Publishes a `FirstSyncMarker` of the run on `members.changed` and waits for the confirm.
+async fn publish_marker(
+    publisher: &Publisher,
+    run_id: &str,
+    run_start: DateTime<Utc>,
+    marker: first_sync_marker::Marker,
+) -> Result<()> {
+    let message = FirstSyncMarker {
+        run_id: run_id.to_owned(),
+        run_started_at: Some(timestamp(run_start)),
+        marker: Some(marker),
+    };
+    // The AMQP type (`optout.queue.v1.FirstSyncMarker`) is how the evaluator tells it from a page.
+    publisher
+        .publish(MEMBERS_CHANGED_ROUTING_KEY, &message)
+        .await?;
+    Ok(())
 }
 
 /// Picks the audiences of a run: those of the account (`known`) within the configured `scope` (all

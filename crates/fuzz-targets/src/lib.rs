@@ -204,6 +204,7 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
                 }],
                 first_sync: false,
                 run_id: "run-1".to_owned(),
+                page: 0,
             };
             let dirty = PersonsDirty {
                 emails: vec!["a@b.com".to_owned()],

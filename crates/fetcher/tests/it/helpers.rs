@@ -8,9 +8,9 @@ use lapin::options::BasicGetOptions;
 use optout_amqp::Topology;
 use optout_fetcher::{Fetcher, SyncSettings, store};
 use optout_mailchimp::{MailchimpClient, MailchimpConfig, MembersQuery};
-use optout_proto::queue::v1::MembersChanged;
+use optout_proto::queue::v1::{FirstSyncMarker, MembersChanged};
 use optout_sandbox::{Sandbox, SandboxConfig};
-use prost::Message as _;
+use prost::{Message as _, Name as _};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +18,15 @@ pub(crate) const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub(crate) const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// Everything one test needs; [`TestApp::cleanup`] removes the schema and the queues.
+/// One message on `members.changed`.
+#[derive(Clone, Debug)]
+pub(crate) enum Published {
+    /// A page of a sync, or an event.
+    Members(MembersChanged),
+    /// A first-sync marker.
+    Marker(FirstSyncMarker),
+}
+
 pub(crate) struct TestApp {
     pub(crate) sandbox: Sandbox,
     pub(crate) pool: PgPool,
@@ -96,8 +105,22 @@ impl TestApp {
     }
 
     /// Takes every message in the members.changed queue (publishing is confirmed before a run
-    /// ends, so the queue is complete when this is called).
+    /// ends, so the queue is complete when this is called) and returns the pages and events, in
+    /// order, leaving out first-sync markers.
     pub(crate) async fn drain_members_changed(&self) -> Result<Vec<MembersChanged>> {
+        Ok(self
+            .drain_published()
+            .await?
+            .into_iter()
+            .filter_map(|published| match published {
+                Published::Members(message) => Some(message),
+                Published::Marker(_) => None,
+            })
+            .collect())
+    }
+
+    /// Every message on `members.changed`, in order, told apart by its AMQP type.
+    pub(crate) async fn drain_published(&self) -> Result<Vec<Published>> {
         let queue = self.topology.members_changed_queue();
         let mut messages = Vec::new();
         while let Some(delivery) = self
@@ -105,7 +128,23 @@ impl TestApp {
             .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
             .await?
         {
-            messages.push(MembersChanged::decode(delivery.delivery.data.as_slice())?);
+            let data = delivery.delivery.data.as_slice();
+            let kind = delivery
+                .delivery
+                .properties
+                .kind()
+                .as_ref()
+                .map(|kind| kind.as_str().to_owned())
+                .unwrap_or_default();
+            if kind == FirstSyncMarker::full_name() {
+                messages.push(Published::Marker(FirstSyncMarker::decode(data)?));
+            } else {
+                anyhow::ensure!(
+                    kind == MembersChanged::full_name(),
+                    "unexpected message type {kind:?} on members.changed"
+                );
+                messages.push(Published::Members(MembersChanged::decode(data)?));
+            }
         }
         Ok(messages)
     }

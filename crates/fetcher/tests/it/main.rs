@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use chrono::Utc;
-use helpers::{TestApp, count_members, eventually, wait_for_next_second};
+use helpers::{Published, TestApp, count_members, eventually, wait_for_next_second};
 use optout_fetcher::{RunStatus, SyncRequest, SyncSettings, store};
 use optout_mailchimp::MemberStatus;
-use optout_proto::queue::v1::{self as queue, Source};
+use optout_proto::queue::v1::{self as queue, Source, first_sync_marker::Marker};
 
 #[tokio::test]
 async fn first_sync_publishes_every_member_exactly_once_per_audience() -> Result<()> {
@@ -26,7 +26,15 @@ async fn first_sync_publishes_every_member_exactly_once_per_audience() -> Result
 
     let report = fetcher.sync_now(SyncRequest::default()).await?;
     assert_eq!(report.status, RunStatus::Succeeded, "{:?}", report.error);
-    let messages = app.drain_members_changed().await?;
+    let published = app.drain_published().await?;
+    assert_first_sync_is_framed_by_markers(&published, &app.audiences(), &report.run_id)?;
+    let messages: Vec<_> = published
+        .into_iter()
+        .filter_map(|published| match published {
+            Published::Members(message) => Some(message),
+            Published::Marker(_) => None,
+        })
+        .collect();
     let counts = count_members(&messages);
 
     let duplicates: Vec<_> = counts.iter().filter(|(_, count)| **count != 1).collect();
@@ -78,6 +86,81 @@ async fn first_sync_publishes_every_member_exactly_once_per_audience() -> Result
     Ok(())
 }
 
+/// The run announces every audience before any page; each audience's first sync starts before its
+/// first page, numbers its pages 1..N and ends with a done marker counting N after its last page.
+fn assert_first_sync_is_framed_by_markers(
+    published: &[Published],
+    audiences: &[String],
+    run_id: &str,
+) -> Result<()> {
+    let Some(Published::Marker(announcement)) = published.first() else {
+        anyhow::bail!("the run did not start with an announcement: {published:?}");
+    };
+    let Some(Marker::Announced(announced)) = &announcement.marker else {
+        anyhow::bail!("the first marker is not an announcement: {announcement:?}");
+    };
+    let mut announced = announced.audience_ids.clone();
+    announced.sort();
+    let mut wanted = audiences.to_vec();
+    wanted.sort();
+    assert_eq!(announced, wanted, "announced audiences");
+    for audience in audiences {
+        // Positions of this audience's messages after the announcement.
+        let mut started = Vec::new();
+        let mut done = Vec::new();
+        let mut pages = Vec::new();
+        for (position, message) in published.iter().enumerate().skip(1) {
+            match message {
+                Published::Members(page) if &page.audience_id == audience => {
+                    assert_eq!(page.run_id, run_id);
+                    pages.push((position, page.page));
+                }
+                Published::Marker(marker) => {
+                    assert_eq!(marker.run_id, run_id);
+                    assert!(marker.run_started_at.is_some(), "{marker:?}");
+                    match &marker.marker {
+                        Some(Marker::Started(started_marker))
+                            if &started_marker.audience_id == audience =>
+                        {
+                            started.push(position);
+                        }
+                        Some(Marker::Done(done_marker)) if &done_marker.audience_id == audience => {
+                            done.push((position, done_marker.pages));
+                        }
+                        Some(Marker::Announced(_)) => {
+                            anyhow::bail!("a second announcement in one run: {marker:?}")
+                        }
+                        _ => {}
+                    }
+                }
+                Published::Members(_) => {}
+            }
+        }
+        assert_eq!(started.len(), 1, "{audience}: one started marker");
+        assert_eq!(done.len(), 1, "{audience}: one done marker");
+        let (started, (done, counted)) = (started[0], done[0]);
+        let numbers: Vec<u32> = pages.iter().map(|(_, page)| *page).collect();
+        let expected: Vec<u32> = (1..=u32::try_from(pages.len())?).collect();
+        assert_eq!(
+            numbers, expected,
+            "{audience}: pages numbered 1..N in order"
+        );
+        assert_eq!(
+            counted as usize,
+            pages.len(),
+            "{audience}: done counts its pages"
+        );
+        ensure!(!pages.is_empty(), "{audience}: no pages");
+        assert!(
+            pages
+                .iter()
+                .all(|(position, _)| started < *position && *position < done),
+            "{audience}: pages between started ({started}) and done ({done}): {pages:?}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn later_syncs_publish_only_members_changed_since_the_last_one() -> Result<()> {
     let app = TestApp::start(12).await?;
@@ -86,7 +169,8 @@ async fn later_syncs_publish_only_members_changed_since_the_last_one() -> Result
     assert_eq!(first.status, RunStatus::Succeeded, "{:?}", first.error);
     app.drain_members_changed().await?;
 
-    // Nothing changed: nothing to publish, and the watermark still moves.
+    // Nothing changed: nothing to publish (no first-sync marker either: every first sync is
+    // complete), and the watermark still moves.
     let watermark_before = store::audience(&app.pool, &app.audiences()[0])
         .await?
         .and_then(|row| row.watermark);
@@ -94,9 +178,10 @@ async fn later_syncs_publish_only_members_changed_since_the_last_one() -> Result
     let second = fetcher.sync_now(SyncRequest::default()).await?;
     assert_eq!(second.status, RunStatus::Succeeded, "{:?}", second.error);
     assert_eq!(second.members_read, 0);
+    let published = app.drain_published().await?;
     assert!(
-        app.drain_members_changed().await?.is_empty(),
-        "an unchanged account published pages"
+        published.is_empty(),
+        "an unchanged account published pages or markers: {published:?}"
     );
     let watermark_after = store::audience(&app.pool, &app.audiences()[0])
         .await?
@@ -182,15 +267,21 @@ async fn watermark_stays_when_publishing_fails() -> Result<()> {
     let report = broken.sync_now(SyncRequest::default()).await?;
     assert_eq!(report.status, RunStatus::Failed);
     assert_eq!(report.pages_published, 0);
+    // The first publish is the announcement of the first syncs: it fails before any audience starts.
+    assert!(
+        report
+            .error
+            .as_deref()
+            .is_some_and(|error| error.contains("announce")),
+        "{:?}",
+        report.error
+    );
     for audience in app.audiences() {
-        let row = store::audience(&app.pool, &audience)
-            .await?
-            .context("audience row")?;
-        assert_eq!(
-            row.watermark, None,
+        let row = store::audience(&app.pool, &audience).await?;
+        assert!(
+            row.is_none_or(|row| row.watermark.is_none() && row.first_sync_completed_at.is_none()),
             "watermark moved without a confirmed publish"
         );
-        assert_eq!(row.first_sync_completed_at, None);
     }
     let run = store::run(&app.pool, &report.run_id)
         .await?
@@ -296,6 +387,48 @@ async fn paused_fetcher_refuses_runs_and_a_run_stops_at_a_page_boundary() -> Res
         .await?;
     assert_eq!(report.status, RunStatus::Succeeded, "{:?}", report.error);
     assert_eq!(report.audiences_completed, vec![app.audiences()[0].clone()]);
+    // The stopped first sync starts again from its first page in the new run, and the run
+    // announces every audience in scope whose first sync is unfinished, not only its own.
+    let published = app.drain_published().await?;
+    let markers: Vec<_> = published
+        .iter()
+        .filter_map(|published| match published {
+            Published::Marker(marker) => Some(marker),
+            Published::Members(_) => None,
+        })
+        .collect();
+    assert!(markers.iter().all(|marker| marker.run_id == report.run_id));
+    let mut kinds: Vec<_> = markers.iter().map(|marker| marker.marker.clone()).collect();
+    if let Some(Some(Marker::Announced(announcement))) = kinds.first_mut() {
+        announcement.audience_ids.sort();
+    }
+    let mut announced = app.audiences();
+    announced.sort();
+    let audience = app.audiences()[0].clone();
+    let pages = u32::try_from(report.pages_published)?;
+    assert_eq!(
+        kinds,
+        vec![
+            Some(Marker::Announced(queue::first_sync_marker::Announced {
+                audience_ids: announced
+            })),
+            Some(Marker::Started(queue::first_sync_marker::Started {
+                audience_id: audience.clone()
+            })),
+            Some(Marker::Done(queue::first_sync_marker::Done {
+                audience_id: audience,
+                pages
+            })),
+        ]
+    );
+    let numbers: Vec<u32> = published
+        .iter()
+        .filter_map(|published| match published {
+            Published::Members(page) => Some(page.page),
+            Published::Marker(_) => None,
+        })
+        .collect();
+    assert_eq!(numbers, (1..=pages).collect::<Vec<_>>());
     app.cleanup().await;
     Ok(())
 }
