@@ -76,12 +76,10 @@ pub struct Config {
     /// Milliseconds to wait for a batch to fill once its first message arrived.
     #[arg(long, env = "OPTOUT_MAX_WAIT_MS", default_value_t = 50)]
     pub max_wait_ms: u64,
-    /// Opt-outs decided from a first sync are held until no first-sync page has arrived for this
-    /// many milliseconds, so that every audience's members are known before the box is checked.
-    #[arg(long, env = "OPTOUT_FIRST_SYNC_QUIET_MS", default_value_t = 5_000)]
-    pub first_sync_quiet_ms: u64,
-    /// Seconds after which a held opt-out is published even while a first sync is still busy: a
-    /// first sync that never ends must not hold an opt-out forever.
+    /// Seconds after which a held opt-out is published even while a first sync is still busy (opt-outs
+    /// decided from a first sync are otherwise held until the fetcher's markers say every first-syncing
+    /// audience was read): a first sync that never ends must not hold an opt-out forever. A pending
+    /// audience without a marker or page for this long no longer holds anything.
     #[arg(long, env = "OPTOUT_FIRST_SYNC_MAX_HOLD_SECS", default_value_t = 600)]
     pub first_sync_max_hold_secs: u64,
     /// Longest time, in seconds, shutdown waits for the batch in hand before the process exits anyway.

@@ -1,25 +1,34 @@
-//! Handling `members.changed` batches: apply to the store, then announce dirty persons.
+//! Handling `members.changed` batches: apply to the store, then announce dirty persons; and the
+//! fetcher's first-sync markers, which say when the opt-outs held from a first sync may go.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    sync::atomic::{AtomicI64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
     time::Duration,
 };
 
 use chrono::{DateTime, Utc};
 use optout_amqp::{Message, Outcome, Publisher, Topology, lapin::types::FieldTable};
-use optout_proto::queue::v1::{MemberStatus as ProtoStatus, MembersChanged, PersonsDirty, Source};
+use optout_proto::queue::v1::{
+    FirstSyncMarker, MemberStatus as ProtoStatus, MembersChanged, PersonsDirty, Source,
+    first_sync_marker,
+};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
 };
+use prost::{Message as _, Name as _};
 use sqlx::PgPool;
+use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::{
     Result,
     rule::{Decision, MemberStatus, Scope},
-    store::{self, PersonState, Snapshot},
+    store::{self, FirstSyncPage, Marker, MarkerKind, PersonState, Snapshot},
 };
 
 /// The proto full name of `PersonsDirty`, for the AMQP `type` property.
@@ -36,6 +45,10 @@ pub(crate) struct Counters {
     decisions_no_change: AtomicI64,
     dirty_published: AtomicI64,
     messages_dead_lettered: AtomicI64,
+    first_sync_markers: AtomicI64,
+    /// First-sync audiences announced or started and not yet completely read, as of the last
+    /// release check (a gauge).
+    pub(crate) first_sync_audiences_pending: AtomicI64,
     /// The same decisions as a Prometheus family, `optout_decisions_total{decision}`.
     pub(crate) decisions: Family<DecisionLabels, Counter>,
 }
@@ -56,10 +69,39 @@ impl Counters {
             ("decisions_no_change", &self.decisions_no_change),
             ("dirty_published", &self.dirty_published),
             ("messages_dead_lettered", &self.messages_dead_lettered),
+            ("first_sync_markers", &self.first_sync_markers),
+            (
+                "first_sync_audiences_pending",
+                &self.first_sync_audiences_pending,
+            ),
         ]
         .into_iter()
         .map(|(name, counter)| (name.to_owned(), counter.load(Ordering::Relaxed)))
         .collect()
+    }
+}
+
+/// A delivery on `members.changed`, told apart by its AMQP `type`: a page or event, or one of the
+/// fetcher's first-sync markers. A delivery without a `type` (or another one) is read as
+/// `MembersChanged`, as before markers existed.
+#[derive(Clone, Debug)]
+pub(crate) enum Inbound {
+    /// A page of a sync, or one webhook or API event.
+    Members(MembersChanged),
+    /// How far a first sync has got.
+    Marker(FirstSyncMarker),
+}
+
+impl optout_amqp::Body for Inbound {
+    fn decode_body(message_type: &str, data: &[u8]) -> std::result::Result<Self, String> {
+        if message_type == FirstSyncMarker::full_name() {
+            return FirstSyncMarker::decode(data)
+                .map(Self::Marker)
+                .map_err(|error| format!("undecodable protobuf: {error}"));
+        }
+        MembersChanged::decode(data)
+            .map(Self::Members)
+            .map_err(|error| format!("undecodable protobuf: {error}"))
     }
 }
 
@@ -70,37 +112,86 @@ pub(crate) struct Evaluator {
     pub(crate) publisher: Publisher,
     pub(crate) topology: Topology,
     pub(crate) scope: Scope,
-    pub(crate) counters: std::sync::Arc<Counters>,
+    pub(crate) counters: Arc<Counters>,
+    /// Wakes the release loop once a first-sync page or marker was applied, so a first sync that
+    /// just completed releases its opt-outs at once rather than at the next tick.
+    pub(crate) first_sync_progress: Arc<Notify>,
 }
 
 impl Evaluator {
     /// One outcome per message, in order.
-    pub(crate) async fn handle(&self, batch: Vec<Message<MembersChanged>>) -> Vec<Outcome> {
+    pub(crate) async fn handle(&self, batch: Vec<Message<Inbound>>) -> Vec<Outcome> {
         let mut outcomes = vec![Outcome::Ack; batch.len()];
         let mut valid = Vec::with_capacity(batch.len());
+        let mut markers = Vec::new();
         for (index, message) in batch.iter().enumerate() {
-            match snapshots_of(&message.body) {
-                Ok(snapshots) => valid.push((index, snapshots)),
-                Err(reason) => {
-                    warn!(
-                        message_id = message.message_id,
-                        reason, "rejecting members.changed message"
-                    );
+            let checked = match &message.body {
+                Inbound::Members(members) => snapshots_of(members).map(|snapshots| {
+                    valid.push((index, snapshots, first_sync_page(members)));
+                }),
+                Inbound::Marker(marker) => marker_of(marker).map(|marker| {
+                    markers.push((index, marker));
+                }),
+            };
+            if let Err(reason) = checked {
+                warn!(
+                    message_id = message.message_id,
+                    reason, "rejecting members.changed message"
+                );
+                self.counters
+                    .messages_dead_lettered
+                    .fetch_add(1, Ordering::Relaxed);
+                outcomes[index] = Outcome::DeadLetter(reason);
+            }
+        }
+        let first_sync_progress =
+            !markers.is_empty() || valid.iter().any(|(_, _, page)| page.is_some());
+        if !markers.is_empty() {
+            let kinds: Vec<Marker> = markers.iter().map(|(_, marker)| marker.clone()).collect();
+            match store::record_first_sync_markers(&self.pool, &kinds).await {
+                Ok(()) => {
                     self.counters
-                        .messages_dead_lettered
-                        .fetch_add(1, Ordering::Relaxed);
-                    outcomes[index] = Outcome::DeadLetter(reason);
+                        .first_sync_markers
+                        .fetch_add(markers.len() as i64, Ordering::Relaxed);
+                    debug!(markers = markers.len(), "recorded first-sync markers");
+                }
+                Err(error) => {
+                    let reason = error_chain(&error);
+                    warn!(
+                        error = reason,
+                        "failed to record first-sync markers, requeueing them"
+                    );
+                    for (index, _) in &markers {
+                        outcomes[*index] = Outcome::Retry(reason.clone());
+                    }
                 }
             }
         }
-        if valid.is_empty() {
-            return outcomes;
+        if !valid.is_empty() {
+            self.handle_members(&valid, &mut outcomes).await;
         }
+        if first_sync_progress {
+            self.first_sync_progress.notify_one();
+        }
+        outcomes
+    }
+
+    /// Applies the valid `MembersChanged` of a batch in one transaction, or one by one when that fails
+    /// for good, setting their outcomes.
+    async fn handle_members(
+        &self,
+        valid: &[(usize, Vec<Snapshot>, Option<FirstSyncPage>)],
+        outcomes: &mut [Outcome],
+    ) {
         let all: Vec<Snapshot> = valid
             .iter()
-            .flat_map(|(_, snapshots)| snapshots.iter().cloned())
+            .flat_map(|(_, snapshots, _)| snapshots.iter().cloned())
             .collect();
-        match self.apply(&all).await {
+        let pages: Vec<FirstSyncPage> = valid
+            .iter()
+            .filter_map(|(_, _, page)| page.clone())
+            .collect();
+        match self.apply(&all, &pages).await {
             Ok(()) => {
                 self.counters
                     .messages_processed
@@ -109,8 +200,9 @@ impl Evaluator {
             Err(error) if valid.len() > 1 && !error.is_transient() => {
                 // One message may be at fault: apply them one by one so only that one is retried.
                 warn!(error = %error_chain(&error), "batch failed, applying its messages one by one");
-                for (index, snapshots) in &valid {
-                    outcomes[*index] = match self.apply(snapshots).await {
+                for (index, snapshots, page) in valid {
+                    let pages: Vec<FirstSyncPage> = page.iter().cloned().collect();
+                    outcomes[*index] = match self.apply(snapshots, &pages).await {
                         Ok(()) => {
                             self.counters
                                 .messages_processed
@@ -124,12 +216,11 @@ impl Evaluator {
             Err(error) => {
                 let reason = error_chain(&error);
                 warn!(error = reason, "batch failed, requeueing it");
-                for (index, _) in &valid {
+                for (index, _, _) in valid {
                     outcomes[*index] = Outcome::Retry(reason.clone());
                 }
             }
         }
-        outcomes
     }
 
     /// Commits the snapshots, then publishes `persons.dirty` for every email they touch that is opted out or
@@ -140,8 +231,9 @@ impl Evaluator {
     /// instead: audiences are paged independently, so the person's subscribed member in another
     /// audience may not have arrived yet, and checking the box now would invent an opt-out that no
     /// later sync could take back (a first sync is a baseline, never opt-in evidence).
-    /// [`Evaluator::release_held`] publishes them once the first sync has gone quiet.
-    async fn apply(&self, snapshots: &[Snapshot]) -> Result<()> {
+    /// [`Evaluator::release_held`] publishes them once every first-syncing audience has been read.
+    /// The first-sync `pages` are counted in the transaction that holds their opt-outs.
+    async fn apply(&self, snapshots: &[Snapshot], pages: &[FirstSyncPage]) -> Result<()> {
         let states = store::apply_batch(&self.pool, &self.scope, snapshots).await?;
         let first_sync: HashSet<&str> = snapshots
             .iter()
@@ -155,10 +247,11 @@ impl Evaluator {
             })
             .map(|state| state.email.clone())
             .collect();
-        if !first_sync.is_empty() {
+        if !first_sync.is_empty() || !pages.is_empty() {
             // After the commit above, like the publish below: a crash in between redelivers the
-            // batch, which finds the same state and holds (or publishes) again.
-            store::hold_first_sync_opt_outs(&self.pool, &held).await?;
+            // batch, which finds the same state and holds (or publishes) again, and only then
+            // counts its pages.
+            store::hold_first_sync_opt_outs(&self.pool, &held, pages).await?;
         }
         let held: HashSet<String> = held.into_iter().collect();
         for state in &states {
@@ -189,15 +282,19 @@ impl Evaluator {
         self.publish_emails(&emails).await
     }
 
-    /// Publishes the held first-sync opt-outs once no first-sync page has arrived for `quiet`
-    /// (every audience's members are then known), or those held longer than `max_hold` whatever
-    /// the first sync is doing; those no longer opted out are dropped without a message. Rows are
-    /// deleted in the transaction that publishes them, committed after the broker confirmed, so a
-    /// crash in between leaves them held. Returns how many rows went.
-    pub(crate) async fn release_held(&self, quiet: Duration, max_hold: Duration) -> Result<usize> {
+    /// Publishes the held first-sync opt-outs once no first-syncing audience is pending: every
+    /// audience the fetcher announced or started has sent its `Done` marker and every page it
+    /// counted there has been applied, so every audience's members are known. Those held longer
+    /// than `max_hold` go whatever the first sync is doing. Those no longer opted out are dropped
+    /// without a message. Rows are deleted in the transaction that publishes them, committed after
+    /// the broker confirmed, so a crash in between leaves them held. Returns how many rows went.
+    pub(crate) async fn release_held(&self, max_hold: Duration) -> Result<usize> {
+        let pending = store::settle_first_sync_audiences(&self.pool, max_hold).await?;
+        self.counters
+            .first_sync_audiences_pending
+            .store(pending, Ordering::Relaxed);
         let mut transaction = self.pool.begin().await?;
-        let released =
-            store::take_releasable(&mut transaction, quiet, max_hold, DIRTY_CHUNK * 10).await?;
+        let released = store::take_releasable(&mut transaction, max_hold, DIRTY_CHUNK * 10).await?;
         if released.is_empty() {
             return Ok(0);
         }
@@ -259,6 +356,60 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The page a first-sync poll message counts as, if it is one and carries its number.
+fn first_sync_page(message: &MembersChanged) -> Option<FirstSyncPage> {
+    let counted = message.first_sync
+        && message.source == Source::Poll as i32
+        && message.page > 0
+        && !message.run_id.is_empty();
+    counted.then(|| FirstSyncPage {
+        audience_id: message.audience_id.trim().to_owned(),
+        run_id: message.run_id.clone(),
+        page: i32::try_from(message.page).unwrap_or(i32::MAX),
+    })
+}
+
+/// Validates a first-sync marker; the error is the dead-letter reason.
+fn marker_of(marker: &FirstSyncMarker) -> Result<Marker, String> {
+    if marker.run_id.is_empty() {
+        return Err("first-sync marker without run_id".to_owned());
+    }
+    let audience = |audience_id: &str| {
+        let audience_id = audience_id.trim();
+        if audience_id.is_empty() {
+            Err("first-sync marker without audience_id".to_owned())
+        } else {
+            Ok(audience_id.to_owned())
+        }
+    };
+    let kind = match &marker.marker {
+        Some(first_sync_marker::Marker::Announced(announced)) => MarkerKind::Announced(
+            announced
+                .audience_ids
+                .iter()
+                .map(|audience_id| audience(audience_id))
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(first_sync_marker::Marker::Started(started)) => {
+            MarkerKind::Started(audience(&started.audience_id)?)
+        }
+        Some(first_sync_marker::Marker::Done(done)) => MarkerKind::Done(
+            audience(&done.audience_id)?,
+            i32::try_from(done.pages)
+                .map_err(|_| format!("first-sync marker with {} pages", done.pages))?,
+        ),
+        None => return Err("first-sync marker of no known kind".to_owned()),
+    };
+    let run_started_at = marker.run_started_at.as_ref().and_then(|time| {
+        DateTime::<Utc>::from_timestamp(time.seconds, u32::try_from(time.nanos).unwrap_or(0))
+    });
+    Ok(Marker {
+        run_id: marker.run_id.clone(),
+        run_started_at,
+        kind,
+    })
 }
 
 /// Validates a message and turns it into normalised snapshots; the error is the dead-letter reason.
@@ -335,6 +486,7 @@ mod tests {
             members,
             first_sync: false,
             run_id: String::new(),
+            page: 0,
         }
     }
 

@@ -18,7 +18,6 @@ use std::{io::Write, net::SocketAddr, sync::Arc, time::Duration};
 use optout_amqp::{ConsumeOptions, ConsumerMetrics, Message, Publisher, Topology};
 use optout_proto::{
     admin::v1::admin_server::AdminServer, evaluator::v1::decisions_server::DecisionsServer,
-    queue::v1::MembersChanged,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -33,7 +32,7 @@ pub use evaluate::snapshots_of;
 pub use grpc::{BearerAuth, SERVICE_NAME};
 
 use crate::{
-    evaluate::Evaluator,
+    evaluate::{Evaluator, Inbound},
     grpc::{AdminService, DecisionsService, Ready, Shared},
 };
 
@@ -239,12 +238,12 @@ async fn consume_until_shutdown(
         topology: topology.clone(),
         scope: config.scope(),
         counters: shared.counters.clone(),
+        first_sync_progress: Arc::default(),
     });
     let _ = shared.ready.set(ready);
     tokio::spawn(release_held_loop(
         evaluator.clone(),
         shared.paused.subscribe(),
-        Duration::from_millis(config.first_sync_quiet_ms),
         Duration::from_secs(config.first_sync_max_hold_secs),
         shutdown.clone(),
     ));
@@ -269,7 +268,7 @@ async fn consume_until_shutdown(
         options,
         consumer_metrics.clone(),
         shutdown.clone(),
-        move |batch: Vec<Message<MembersChanged>>| {
+        move |batch: Vec<Message<Inbound>>| {
             let evaluator = evaluator.clone();
             async move { evaluator.handle(batch).await }
         },
@@ -278,23 +277,25 @@ async fn consume_until_shutdown(
     Ok(())
 }
 
-/// Publishes held first-sync opt-outs as they become releasable (see `Evaluator::release_held`),
-/// checking twice a second; paused with the consumer.
+/// Publishes held first-sync opt-outs as they become releasable (see `Evaluator::release_held`):
+/// at once when this replica applied a first-sync page or marker, and twice a second for what other
+/// replicas applied and for the max hold; paused with the consumer.
 async fn release_held_loop(
     evaluator: Arc<Evaluator>,
     paused: tokio::sync::watch::Receiver<bool>,
-    quiet: Duration,
     max_hold: Duration,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let progress = evaluator.first_sync_progress.clone();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+            () = progress.notified() => {}
         }
         while !*paused.borrow() && !shutdown.is_cancelled() {
-            match evaluator.release_held(quiet, max_hold).await {
+            match evaluator.release_held(max_hold).await {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(error) => {

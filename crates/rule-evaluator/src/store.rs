@@ -490,21 +490,87 @@ impl PersonUpdates {
     }
 }
 
-/// Records that a first-sync page was applied and holds the opt-outs it decided (see
-/// `evaluate.rs`). An email already held keeps its first time.
-pub async fn hold_first_sync_opt_outs(pool: &PgPool, emails: &[String]) -> Result<()> {
+/// A first-sync poll page applied: its audience, its run and its number within the run (from 1).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FirstSyncPage {
+    /// Mailchimp audience id.
+    pub audience_id: String,
+    /// The fetcher's run.
+    pub run_id: String,
+    /// The page's number within the audience's run, from 1.
+    pub page: i32,
+}
+
+/// A first-sync marker of the fetcher, validated (see `FirstSyncMarker` in `messages.proto`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Marker {
+    /// The run that published it.
+    pub run_id: String,
+    /// When that run started, if it said.
+    pub run_started_at: Option<DateTime<Utc>>,
+    /// What it announces.
+    pub kind: MarkerKind,
+}
+
+/// What a [`Marker`] announces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MarkerKind {
+    /// These audiences' first syncs have not completed: hold until they have.
+    Announced(Vec<String>),
+    /// The run starts the audience's first sync from its first page.
+    Started(String),
+    /// The run published this many pages of the audience's first sync, all confirmed.
+    Done(String, i32),
+}
+
+/// Holds the opt-outs a batch of first-sync pages decided and counts its `pages`, in one
+/// transaction, so that a counted page's opt-outs are always held already. A page of an audience
+/// no marker announced yet makes the audience pending (markers may be applied after pages by another
+/// replica). An email already held keeps its first time; a page counted before is a no-op.
+pub async fn hold_first_sync_opt_outs(
+    pool: &PgPool,
+    emails: &[String],
+    pages: &[FirstSyncPage],
+) -> Result<()> {
     let mut transaction = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO first_sync_activity (id, last_seen) VALUES (1, now()) \
-         ON CONFLICT (id) DO UPDATE SET last_seen = greatest(first_sync_activity.last_seen, now())",
-    )
-    .execute(&mut *transaction)
-    .await?;
     if !emails.is_empty() {
+        // Sorted, so replicas holding overlapping emails take the rows in one order.
+        let sorted: BTreeSet<&str> = emails.iter().map(String::as_str).collect();
+        let sorted: Vec<&str> = sorted.into_iter().collect();
         sqlx::query(
             "INSERT INTO held_opt_outs (email) SELECT unnest($1::text[]) ON CONFLICT (email) DO NOTHING",
         )
-        .bind(emails)
+        .bind(sorted)
+        .execute(&mut *transaction)
+        .await?;
+    }
+    if !pages.is_empty() {
+        let pages: BTreeSet<&FirstSyncPage> = pages.iter().collect();
+        let audiences: Vec<&str> = pages.iter().map(|page| page.audience_id.as_str()).collect();
+        let runs: Vec<&str> = pages.iter().map(|page| page.run_id.as_str()).collect();
+        let numbers: Vec<i32> = pages.iter().map(|page| page.page).collect();
+        // A page of a run the row does not know yet claims an announced (run-less) row for its run;
+        // a completed audience is never re-opened by a page (only by a `Started` marker).
+        sqlx::query(
+            "INSERT INTO first_sync_audiences (audience_id, run_id) \
+             SELECT DISTINCT ON (audience_id) audience_id, run_id \
+             FROM unnest($1::text[], $2::text[]) AS page(audience_id, run_id) ORDER BY audience_id \
+             ON CONFLICT (audience_id) DO UPDATE \
+             SET run_id = coalesce(first_sync_audiences.run_id, excluded.run_id), touched_at = now() \
+             WHERE NOT first_sync_audiences.completed",
+        )
+        .bind(&audiences)
+        .bind(&runs)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query(
+            "INSERT INTO first_sync_pages (audience_id, run_id, page) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::int4[]) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&audiences)
+        .bind(&runs)
+        .bind(&numbers)
         .execute(&mut *transaction)
         .await?;
     }
@@ -512,13 +578,109 @@ pub async fn hold_first_sync_opt_outs(pool: &PgPool, emails: &[String]) -> Resul
     Ok(())
 }
 
-/// Deletes up to `limit` held opt-outs that may go (all of them once no first-sync page has been
-/// applied for `quiet`, otherwise those held longer than `max_hold`) in `transaction`, which the
-/// caller commits once they are published, and returns each with whether its decision is still
-/// opt-out. Rows another replica is releasing are skipped.
+/// Applies first-sync markers in one transaction; each is idempotent, so a redelivery is harmless.
+///
+/// `Announced` makes its audiences pending without a run, but never re-opens a completed one (another
+/// replica's run may just have finished it). `Started` and `Done` follow the run they name unless
+/// the row already follows a later-started run: `Started` of a new run re-opens the audience and
+/// forgets the old run's page count (a first sync that crashed is paged again from the start), and
+/// `Done` sets the number of pages to count.
+pub async fn record_first_sync_markers(pool: &PgPool, markers: &[Marker]) -> Result<()> {
+    let mut transaction = pool.begin().await?;
+    for marker in markers {
+        let (audience_id, expected_pages) = match &marker.kind {
+            MarkerKind::Announced(audience_ids) => {
+                let sorted: BTreeSet<&str> = audience_ids.iter().map(String::as_str).collect();
+                let sorted: Vec<&str> = sorted.into_iter().collect();
+                sqlx::query(
+                    "INSERT INTO first_sync_audiences (audience_id) SELECT unnest($1::text[]) \
+                     ON CONFLICT (audience_id) DO UPDATE SET touched_at = now() \
+                     WHERE NOT first_sync_audiences.completed",
+                )
+                .bind(sorted)
+                .execute(&mut *transaction)
+                .await?;
+                continue;
+            }
+            MarkerKind::Started(audience_id) => (audience_id, None),
+            MarkerKind::Done(audience_id, pages) => (audience_id, Some(*pages)),
+        };
+        sqlx::query(
+            "INSERT INTO first_sync_audiences (audience_id, run_id, run_started_at, expected_pages) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (audience_id) DO UPDATE SET \
+                 run_id = excluded.run_id, \
+                 run_started_at = coalesce(excluded.run_started_at, first_sync_audiences.run_started_at), \
+                 expected_pages = CASE WHEN first_sync_audiences.run_id = excluded.run_id \
+                     THEN coalesce(excluded.expected_pages, first_sync_audiences.expected_pages) \
+                     ELSE excluded.expected_pages END, \
+                 completed = first_sync_audiences.completed \
+                     AND first_sync_audiences.run_id IS NOT DISTINCT FROM excluded.run_id, \
+                 touched_at = now() \
+             WHERE first_sync_audiences.run_id IS NOT DISTINCT FROM excluded.run_id \
+                OR first_sync_audiences.run_started_at IS NULL \
+                OR excluded.run_started_at IS NULL \
+                OR excluded.run_started_at >= first_sync_audiences.run_started_at",
+        )
+        .bind(audience_id)
+        .bind(&marker.run_id)
+        .bind(marker.run_started_at)
+        .bind(expected_pages)
+        .execute(&mut *transaction)
+        .await?;
+    }
+    transaction.commit().await?;
+    Ok(())
+}
+
+/// Marks complete every pending audience whose run has said how many pages it published and had
+/// that many of its pages counted, forgets the page rows no longer needed, and returns how many
+/// audiences are still pending. A pending audience untouched for `max_hold` is not counted: its
+/// fetcher stopped (audience out of scope, replica gone) and the max hold releases its opt-outs.
+pub async fn settle_first_sync_audiences(
+    pool: &PgPool,
+    max_hold: std::time::Duration,
+) -> Result<i64> {
+    let max_hold_secs = max_hold.as_secs_f64();
+    let mut transaction = pool.begin().await?;
+    sqlx::query(
+        "UPDATE first_sync_audiences a SET completed = true \
+         WHERE NOT completed AND run_id IS NOT NULL AND expected_pages IS NOT NULL \
+           AND (SELECT count(*) FROM first_sync_pages p \
+                WHERE p.audience_id = a.audience_id AND p.run_id = a.run_id \
+                  AND p.page BETWEEN 1 AND a.expected_pages) >= a.expected_pages",
+    )
+    .execute(&mut *transaction)
+    .await?;
+    // Pages of a completed run (and late redeliveries of them), and pages of other runs once old
+    // enough that their run cannot be the one still to come.
+    sqlx::query(
+        "DELETE FROM first_sync_pages p USING first_sync_audiences a \
+         WHERE p.audience_id = a.audience_id \
+           AND ((a.completed AND p.run_id = a.run_id) \
+                OR (p.run_id IS DISTINCT FROM a.run_id \
+                    AND p.seen_at < now() - make_interval(secs => $1)))",
+    )
+    .bind(max_hold_secs)
+    .execute(&mut *transaction)
+    .await?;
+    let pending = sqlx::query_scalar(
+        "SELECT count(*) FROM first_sync_audiences \
+         WHERE NOT completed AND touched_at > now() - make_interval(secs => $1)",
+    )
+    .bind(max_hold_secs)
+    .fetch_one(&mut *transaction)
+    .await?;
+    transaction.commit().await?;
+    Ok(pending)
+}
+
+/// Deletes up to `limit` held opt-outs that may go (all of them once no first-sync audience is
+/// pending, see [`settle_first_sync_audiences`]; otherwise those held longer than `max_hold`) in
+/// `transaction`, which the caller commits once they are published, and returns each with whether
+/// its decision is still opt-out. Rows another replica is releasing are skipped.
 pub async fn take_releasable(
     transaction: &mut sqlx::PgConnection,
-    quiet: std::time::Duration,
     max_hold: std::time::Duration,
     limit: usize,
 ) -> Result<Vec<(String, bool)>> {
@@ -528,15 +690,15 @@ pub async fn take_releasable(
         "WITH released AS ( \
              DELETE FROM held_opt_outs WHERE email IN ( \
                  SELECT email FROM held_opt_outs \
-                 WHERE NOT EXISTS (SELECT 1 FROM first_sync_activity \
-                                   WHERE last_seen > now() - make_interval(secs => $1)) \
-                    OR held_at < now() - make_interval(secs => $2) \
-                 ORDER BY held_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                 WHERE NOT EXISTS (SELECT 1 FROM first_sync_audiences \
+                                   WHERE NOT completed \
+                                     AND touched_at > now() - make_interval(secs => $1)) \
+                    OR held_at < now() - make_interval(secs => $1) \
+                 ORDER BY held_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
              RETURNING email) \
          SELECT released.email, coalesce(persons.decision = 'opt_out', false) \
          FROM released LEFT JOIN persons USING (email)",
     )
-    .bind(quiet.as_secs_f64())
     .bind(max_hold.as_secs_f64())
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .fetch_all(transaction)

@@ -22,7 +22,10 @@ use optout_proto::{
         AckOptInRequest, DecideRequest, Decision, ExplainRequest, PersonDecision,
         decisions_client::DecisionsClient,
     },
-    queue::v1::{MemberSnapshot, MemberStatus, MembersChanged, PersonsDirty, Source},
+    queue::v1::{
+        FirstSyncMarker, MemberSnapshot, MemberStatus, MembersChanged, PersonsDirty, Source,
+        first_sync_marker,
+    },
 };
 use optout_rule_evaluator::Config;
 use sqlx::{AssertSqlSafe, Connection as _};
@@ -127,11 +130,6 @@ impl World {
     }
 
     async fn start(&self) -> anyhow::Result<Evaluator> {
-        self.start_with_quiet_ms("5000").await
-    }
-
-    /// An evaluator that holds first-sync opt-outs until no first-sync page came for `quiet_ms`.
-    async fn start_with_quiet_ms(&self, quiet_ms: &str) -> anyhow::Result<Evaluator> {
         let config = optout_rule_evaluator::Config::try_parse_from_args([
             "--admin-token",
             TOKEN,
@@ -145,8 +143,6 @@ impl World {
             AMQP_URL,
             "--max-wait-ms",
             "20",
-            "--first-sync-quiet-ms",
-            quiet_ms,
         ])?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -175,6 +171,25 @@ impl World {
                 FieldTable::default(),
             )
             .await?;
+        Ok(())
+    }
+
+    /// Publishes a first-sync marker the way the fetcher does (AMQP type `optout.queue.v1.FirstSyncMarker`).
+    async fn publish_marker(
+        &self,
+        run_id: &str,
+        run_started: i64,
+        marker: first_sync_marker::Marker,
+    ) -> anyhow::Result<()> {
+        let message = FirstSyncMarker {
+            run_id: run_id.to_owned(),
+            run_started_at: Some(prost_types::Timestamp {
+                seconds: run_started,
+                nanos: 0,
+            }),
+            marker: Some(marker),
+        };
+        self.publisher.publish("members.changed", &message).await?;
         Ok(())
     }
 
@@ -369,7 +384,41 @@ fn changed(
             .collect(),
         first_sync,
         run_id: "run-1".to_owned(),
+        page: 0,
     }
+}
+
+/// Page `page` of `audience_id`'s first sync in `run_id`, as the fetcher publishes it.
+fn first_sync_page(
+    audience_id: &str,
+    run_id: &str,
+    page: u32,
+    members: &[(&str, MemberStatus, i64)],
+) -> MembersChanged {
+    MembersChanged {
+        run_id: run_id.to_owned(),
+        page,
+        ..changed(audience_id, true, members)
+    }
+}
+
+fn announced(audience_ids: &[&str]) -> first_sync_marker::Marker {
+    first_sync_marker::Marker::Announced(first_sync_marker::Announced {
+        audience_ids: audience_ids.iter().map(|id| (*id).to_owned()).collect(),
+    })
+}
+
+fn started(audience_id: &str) -> first_sync_marker::Marker {
+    first_sync_marker::Marker::Started(first_sync_marker::Started {
+        audience_id: audience_id.to_owned(),
+    })
+}
+
+fn done(audience_id: &str, pages: u32) -> first_sync_marker::Marker {
+    first_sync_marker::Marker::Done(first_sync_marker::Done {
+        audience_id: audience_id.to_owned(),
+        pages,
+    })
 }
 
 const T1: i64 = 1_700_000_000;
@@ -429,14 +478,19 @@ async fn person_unsubscribed_everywhere_is_opted_out_and_marked_dirty() -> anyho
 #[tokio::test]
 async fn first_sync_opt_outs_wait_until_every_audience_is_read() -> anyhow::Result<()> {
     let mut world = World::new().await?;
-    let evaluator = world.start_with_quiet_ms("1500").await?;
-    // First sync, audience 1: both unsubscribed. Audience 2 comes later and has one of them
-    // subscribed: without the hold, that person would be opted out for a moment, the box
-    // checked, and the later subscribed member (a baseline, no evidence) could not undo it.
+    let evaluator = world.start().await?;
+    // First sync of two audiences. Audience 1's first page has both people unsubscribed; audience 2
+    // has one of them subscribed: without the hold, that person would be opted out for a moment,
+    // the box checked, and the later subscribed member (a baseline, no evidence) could not undo it.
     world
-        .publish(&changed(
+        .publish_marker("run-1", T1, announced(&["aud1", "aud2"]))
+        .await?;
+    world.publish_marker("run-1", T1, started("aud1")).await?;
+    world
+        .publish(&first_sync_page(
             "aud1",
-            true,
+            "run-1",
+            1,
             &[
                 ("both@example.com", MemberStatus::Unsubscribed, T1),
                 ("split@example.com", MemberStatus::Unsubscribed, T1),
@@ -452,25 +506,66 @@ async fn first_sync_opt_outs_wait_until_every_audience_is_read() -> anyhow::Resu
         .await?
         .into_inner();
     assert!(status.busy, "held opt-outs are work in progress");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    world.drain_dirty()?;
-    assert!(
-        world.dirty.is_empty(),
-        "published while held: {:?}",
-        world.dirty
-    );
 
+    // Audience 1 says it had two pages, but its second is still on its way; audience 2 is read
+    // completely. Audience 1 stays pending, so nothing goes.
+    world.publish_marker("run-1", T1, done("aud1", 2)).await?;
+    world.publish_marker("run-1", T1, started("aud2")).await?;
     world
-        .publish(&changed(
+        .publish(&first_sync_page(
             "aud2",
-            true,
+            "run-1",
+            1,
             &[("split@example.com", MemberStatus::Subscribed, T1)],
         ))
         .await?;
+    world.publish_marker("run-1", T1, done("aud2", 1)).await?;
     evaluator.wait_processed(2).await?;
-    // Quiet for 1.5 s: the one still opted out goes, the other is dropped.
-    world.wait_dirty("both@example.com").await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("audience 2 complete, audience 1 pending", || async {
+        let counters = evaluator.counters().await?;
+        Ok(counters["first_sync_markers"] == 5 && counters["first_sync_audiences_pending"] == 1)
+    })
+    .await?;
+    // Several release checks (twice a second) must not publish while a counted page is missing.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    world.drain_dirty()?;
+    assert!(
+        world.dirty.is_empty(),
+        "published while a page was missing: {:?}",
+        world.dirty
+    );
+    // Both stay held: whether split@ is still opted out is judged at release.
+    assert_eq!(evaluator.counters().await?["held_first_sync_opt_outs"], 2);
+
+    // The last page arrives: released at once, not after a timer.
+    let last_page_sent = tokio::time::Instant::now();
+    world
+        .publish(&first_sync_page(
+            "aud1",
+            "run-1",
+            2,
+            &[("late@example.com", MemberStatus::Unsubscribed, T1)],
+        ))
+        .await?;
+    loop {
+        world.drain_dirty()?;
+        if world.dirty.contains("both@example.com") && world.dirty.contains("late@example.com") {
+            break;
+        }
+        if last_page_sent.elapsed() > Duration::from_secs(1) {
+            bail!(
+                "held opt-outs not released within a second of the last page: {:?}",
+                world.dirty
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually("nothing held or pending", || async {
+        let counters = evaluator.counters().await?;
+        Ok(counters["held_first_sync_opt_outs"] == 0
+            && counters["first_sync_audiences_pending"] == 0)
+    })
+    .await?;
     world.drain_dirty()?;
     assert!(
         !world.dirty.contains("split@example.com"),
@@ -481,12 +576,21 @@ async fn first_sync_opt_outs_wait_until_every_audience_is_read() -> anyhow::Resu
         evaluator.decide("split@example.com").await?.decision,
         Decision::OptIn as i32
     );
-    eventually("nothing held", || async {
-        Ok(evaluator.counters().await?["held_first_sync_opt_outs"] == 0)
-    })
-    .await?;
+    let counters = evaluator.counters().await?;
+    assert_eq!(counters["messages_dead_lettered"], 0, "{counters:?}");
+    assert!(
+        !admin
+            .get_status(authorized(GetStatusRequest {}))
+            .await?
+            .into_inner()
+            .busy
+    );
 
-    // After the first sync, an opt-out is published at once.
+    // A late announcement (another replica's run) does not re-open a completed audience, and after
+    // the first sync an opt-out is published at once.
+    world
+        .publish_marker("run-0", T1 - 60, announced(&["aud1", "aud2"]))
+        .await?;
     world
         .publish(&changed(
             "aud2",
@@ -494,9 +598,82 @@ async fn first_sync_opt_outs_wait_until_every_audience_is_read() -> anyhow::Resu
             &[("split@example.com", MemberStatus::Unsubscribed, T2)],
         ))
         .await?;
-    evaluator.wait_processed(3).await?;
-    assert_eq!(evaluator.counters().await?["held_first_sync_opt_outs"], 0);
     world.wait_dirty("split@example.com").await?;
+    eventually("the late announcement recorded", || async {
+        Ok(evaluator.counters().await?["first_sync_markers"] == 6)
+    })
+    .await?;
+    let counters = evaluator.counters().await?;
+    assert_eq!(counters["held_first_sync_opt_outs"], 0, "{counters:?}");
+    assert_eq!(counters["first_sync_audiences_pending"], 0, "{counters:?}");
+    world.teardown(vec![evaluator]).await
+}
+
+#[tokio::test]
+async fn first_sync_paged_again_after_a_crash_completes_on_the_new_runs_markers()
+-> anyhow::Result<()> {
+    let mut world = World::new().await?;
+    let evaluator = world.start().await?;
+    // Run 1 starts audience 1 and dies after its first page: no done marker ever comes.
+    world
+        .publish_marker("run-1", T1, announced(&["aud1"]))
+        .await?;
+    world.publish_marker("run-1", T1, started("aud1")).await?;
+    world
+        .publish(&first_sync_page(
+            "aud1",
+            "run-1",
+            1,
+            &[("crash@example.com", MemberStatus::Unsubscribed, T1)],
+        ))
+        .await?;
+    evaluator.wait_processed(1).await?;
+    // Run 2 pages it again from the start; its pages arrive twice (a redelivery) and run 1's stale
+    // done marker comes late: neither may complete the audience early or late.
+    world
+        .publish_marker("run-2", T2, announced(&["aud1"]))
+        .await?;
+    world.publish_marker("run-2", T2, started("aud1")).await?;
+    let page_one = first_sync_page(
+        "aud1",
+        "run-2",
+        1,
+        &[("crash@example.com", MemberStatus::Unsubscribed, T1)],
+    );
+    world.publish(&page_one).await?;
+    world.publish(&page_one).await?;
+    world.publish_marker("run-1", T1, done("aud1", 1)).await?;
+    world.publish_marker("run-2", T2, done("aud1", 2)).await?;
+    evaluator.wait_processed(3).await?;
+    eventually("the markers recorded", || async {
+        let counters = evaluator.counters().await?;
+        Ok(counters["first_sync_markers"] == 6 && counters["first_sync_audiences_pending"] == 1)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    world.drain_dirty()?;
+    assert!(
+        world.dirty.is_empty(),
+        "released before run 2's second page: {:?}",
+        world.dirty
+    );
+
+    world
+        .publish(&first_sync_page(
+            "aud1",
+            "run-2",
+            2,
+            &[("other@example.com", MemberStatus::Subscribed, T1)],
+        ))
+        .await?;
+    world.wait_dirty("crash@example.com").await?;
+    eventually("nothing held or pending", || async {
+        let counters = evaluator.counters().await?;
+        Ok(counters["held_first_sync_opt_outs"] == 0
+            && counters["first_sync_audiences_pending"] == 0)
+    })
+    .await?;
+    assert_eq!(evaluator.counters().await?["messages_dead_lettered"], 0);
     world.teardown(vec![evaluator]).await
 }
 
