@@ -27,3 +27,7 @@ CREATE TABLE first_sync_pages (
     seen_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (audience_id, run_id, page)
 );
+
+-- The release check runs after every first-sync batch: while an audience is pending it looks only
+-- for opt-outs held past the max hold, which this index finds without reading the others.
+CREATE INDEX held_opt_outs_held_at ON held_opt_outs (held_at);

@@ -685,15 +685,16 @@ pub async fn take_releasable(
     limit: usize,
 ) -> Result<Vec<(String, bool)>> {
     // A person whose subscribed member arrived meanwhile needs no write (and one with opt-in
-    // evidence is published by the evidence path).
+    // evidence is published by the evidence path). The bound on held_at is computed once, so the
+    // index on it is used whether an audience is pending or not.
     let released = sqlx::query_as(
         "WITH released AS ( \
              DELETE FROM held_opt_outs WHERE email IN ( \
                  SELECT email FROM held_opt_outs \
-                 WHERE NOT EXISTS (SELECT 1 FROM first_sync_audiences \
-                                   WHERE NOT completed \
-                                     AND touched_at > now() - make_interval(secs => $1)) \
-                    OR held_at < now() - make_interval(secs => $1) \
+                 WHERE held_at < CASE WHEN EXISTS ( \
+                         SELECT 1 FROM first_sync_audiences \
+                         WHERE NOT completed AND touched_at > now() - make_interval(secs => $1)) \
+                     THEN now() - make_interval(secs => $1) ELSE 'infinity' END \
                  ORDER BY held_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
              RETURNING email) \
          SELECT released.email, coalesce(persons.decision = 'opt_out', false) \
