@@ -19,13 +19,13 @@ use lapin::{
     },
     types::FieldTable,
 };
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, warn};
 
 use crate::{
     ConsumerMetrics, Error, FIRST_FAILURE_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER,
-    Result, Topology, headers, observe, publisher::publish_confirmed,
+    Result, Topology, URGENT_HEADER, headers, observe, publisher::publish_confirmed,
 };
 
 /// Header naming the queue a message was dead-lettered from.
@@ -85,6 +85,52 @@ pub struct ConsumeOptions {
     pub paused: watch::Receiver<bool>,
     /// Incremented per delivery taken, decremented once it is acked, dead-lettered or requeued.
     pub in_flight: Arc<AtomicU64>,
+    /// Batching for economy rather than latency, for deliveries without [`URGENT_HEADER`].
+    pub bulk: Option<BulkBatching>,
+}
+
+/// How a batch of non-urgent deliveries fills when [`ConsumeOptions::bulk`] is set: it keeps
+/// taking deliveries while they keep coming, and closes `idle` after the last one or `max_wait`
+/// after the first, or when full. A batch holding an urgent delivery (one with
+/// [`URGENT_HEADER`]) closes [`ConsumeOptions::max_wait`] after that delivery arrived, or
+/// earlier by the rules above, so a webhook's latency is unchanged.
+///
+/// Why: a sync notifies the consumer in a stream of messages over seconds; handled in short
+/// windows, each window pays its own partly filled API calls downstream.
+#[derive(Clone, Copy, Debug)]
+pub struct BulkBatching {
+    /// Quiet time after the last delivery that closes the batch.
+    pub idle: Duration,
+    /// Longest a batch fills.
+    pub max_wait: Duration,
+}
+
+/// Whether a delivery asks to be handled promptly (its [`URGENT_HEADER`] is true).
+fn is_urgent(delivery: &Delivery) -> bool {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(URGENT_HEADER))
+        .is_some_and(|value| matches!(value, lapin::types::AMQPValue::Boolean(true)))
+}
+
+/// When the batch that started at `started` must close, given its last delivery's arrival and
+/// the arrival of its first urgent delivery.
+fn batch_deadline(
+    options: &ConsumeOptions,
+    started: Instant,
+    last: Instant,
+    urgent_since: Option<Instant>,
+) -> Instant {
+    let Some(bulk) = options.bulk else {
+        return started + options.max_wait;
+    };
+    let patient = (last + bulk.idle).min(started + bulk.max_wait);
+    match urgent_since {
+        Some(urgent) => patient.min(urgent + options.max_wait),
+        None => patient,
+    }
 }
 
 /// Why a consume session ended.
@@ -272,11 +318,14 @@ where
             next = consumer.next() => next_delivery(next, queue)?,
         };
         worker.in_flight.fetch_add(1, Ordering::SeqCst);
+        let started = Instant::now();
+        let mut last = started;
+        let mut urgent_since = is_urgent(&first).then_some(started);
         let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + options.max_wait;
         let mut stop_after_batch = None;
         let mut failure = None;
         while batch.len() < max_batch {
+            let deadline = batch_deadline(options, started, last, urgent_since);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
@@ -287,6 +336,10 @@ where
                 next = consumer.next() => match next_delivery(next, queue) {
                     Ok(delivery) => {
                         worker.in_flight.fetch_add(1, Ordering::SeqCst);
+                        last = Instant::now();
+                        if urgent_since.is_none() && is_urgent(&delivery) {
+                            urgent_since = Some(last);
+                        }
                         batch.push(delivery);
                     }
                     Err(error) => {

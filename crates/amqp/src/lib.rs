@@ -12,7 +12,9 @@ pub mod observe;
 mod publisher;
 mod topology;
 
-pub use consumer::{Body, ConsumeOptions, Message, Outcome, consume, consume_with_metrics};
+pub use consumer::{
+    Body, BulkBatching, ConsumeOptions, Message, Outcome, consume, consume_with_metrics,
+};
 pub use observe::ConsumerMetrics;
 pub use publisher::Publisher;
 pub use topology::{
@@ -28,6 +30,9 @@ pub const REASON_HEADER: &str = "x-optout-reason";
 pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-optout-original-routing-key";
 /// Header with the time (unix milliseconds) a message first failed.
 pub const FIRST_FAILURE_HEADER: &str = "x-optout-first-failure";
+/// Boolean header: handle this message promptly (a webhook's consequence), not in the longer
+/// batches a sync's stream of messages is gathered into (see [`BulkBatching`]).
+pub const URGENT_HEADER: &str = "x-optout-urgent";
 /// The content type of every body this crate publishes.
 pub const CONTENT_TYPE: &str = "application/protobuf";
 

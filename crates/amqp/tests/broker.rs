@@ -114,6 +114,7 @@ impl Running {
             max_wait: Duration::from_millis(100),
             paused: paused_receiver,
             in_flight: in_flight.clone(),
+            bulk: None,
         };
         let connection = broker.connection.clone();
         let topology = broker.topology.clone();
@@ -508,6 +509,7 @@ async fn consumer_span_continues_the_trace_of_the_publisher_and_is_counted() -> 
         max_wait: Duration::from_millis(50),
         paused: paused_receiver,
         in_flight: Arc::new(AtomicU64::new(0)),
+        bulk: None,
     };
     let connection = broker.connection.clone();
     let topology = broker.topology.clone();
@@ -554,4 +556,101 @@ async fn consumer_span_continues_the_trace_of_the_publisher_and_is_counted() -> 
     );
     assert_eq!(lag, Some(1.0), "{text}");
     broker.teardown().await
+}
+
+/// Publishes `ping(id)`, with the urgent header when asked.
+async fn publish_ping(publisher: &Publisher, id: &str, urgent: bool) -> anyhow::Result<()> {
+    let mut headers = lapin::types::FieldTable::default();
+    if urgent {
+        headers.insert(
+            optout_amqp::URGENT_HEADER.into(),
+            lapin::types::AMQPValue::Boolean(true),
+        );
+    }
+    publisher
+        .publish_typed("members.changed", "optout.test.v1.Ping", &ping(id), headers)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bulk_batching_gathers_a_stream_and_an_urgent_message_closes_its_batch_early()
+-> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let (_paused, paused_receiver) = watch::channel(false);
+    let options = ConsumeOptions {
+        prefetch: 100,
+        max_batch: 100,
+        max_wait: Duration::from_millis(50),
+        paused: paused_receiver,
+        in_flight: Arc::new(AtomicU64::new(0)),
+        // Generous, so a loaded machine never splits the stream below by accident.
+        bulk: Some(optout_amqp::BulkBatching {
+            idle: Duration::from_secs(1),
+            max_wait: Duration::from_secs(20),
+        }),
+    };
+    let connection = broker.connection.clone();
+    let topology = broker.topology.clone();
+    let queue = topology.members_changed_queue();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        consume(
+            &connection,
+            &topology,
+            &queue,
+            options,
+            token,
+            move |batch: Vec<Message<Ping>>| {
+                let ids: Vec<String> = batch
+                    .iter()
+                    .map(|message| message.body.id.clone())
+                    .collect();
+                let _ = sender.send(ids);
+                async move { vec![Outcome::Ack; batch.len()] }
+            },
+        )
+        .await
+    });
+    // A sync's stream, a message every 20 ms for 300 ms: far longer than `max_wait`, yet one batch.
+    for index in 0..15 {
+        publish_ping(&publisher, &format!("s{index}"), false).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let batch = next_batch(&mut receiver).await?;
+    assert_eq!(batch.len(), 15, "the stream was split: {batch:?}");
+
+    // An urgent message in a stream of others: its batch closes about `max_wait` after it, while
+    // the stream goes on for 2 s.
+    publish_ping(&publisher, "urgent", true).await?;
+    for index in 0..40 {
+        publish_ping(&publisher, &format!("t{index}"), false).await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = next_batch(&mut receiver).await?;
+    assert_eq!(first.first().map(String::as_str), Some("urgent"));
+    assert!(
+        first.len() < 30,
+        "the urgent message waited for the stream: {first:?}"
+    );
+    let mut seen = first.len();
+    while seen < 41 {
+        seen += next_batch(&mut receiver).await?.len();
+    }
+    assert_eq!(seen, 41);
+    shutdown.cancel();
+    task.await??;
+    broker.teardown().await
+}
+
+async fn next_batch(
+    receiver: &mut mpsc::UnboundedReceiver<Vec<String>>,
+) -> anyhow::Result<Vec<String>> {
+    tokio::time::timeout(DEADLINE, receiver.recv())
+        .await
+        .context("timed out waiting for a batch")?
+        .context("consumer stopped")
 }
