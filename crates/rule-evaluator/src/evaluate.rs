@@ -11,7 +11,10 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use optout_amqp::{Message, Outcome, Publisher, Topology, lapin::types::FieldTable};
+use optout_amqp::{
+    Message, Outcome, Publisher, Topology,
+    lapin::types::{AMQPValue, FieldTable},
+};
 use optout_proto::queue::v1::{
     FirstSyncMarker, MemberStatus as ProtoStatus, MembersChanged, PersonsDirty, Source,
     first_sync_marker,
@@ -35,6 +38,8 @@ use crate::{
 const PERSONS_DIRTY_TYPE: &str = "optout.queue.v1.PersonsDirty";
 /// Emails per `PersonsDirty` message, keeping messages small.
 const DIRTY_CHUNK: usize = 500;
+/// Held first-sync opt-outs released per transaction (~100 bytes each in memory).
+const RELEASE_CHUNK: usize = 50_000;
 
 /// Cumulative counters reported by `GetStatus`.
 #[derive(Debug, Default)]
@@ -270,16 +275,21 @@ impl Evaluator {
             .into_iter()
             .filter(|state| !held.contains(&state.email))
             .collect();
-        self.publish_dirty(&published).await
+        // A webhook or a Memberships API call is someone waiting; a poll page is part of a sync,
+        // which the writer batches for economy.
+        let urgent = snapshots
+            .iter()
+            .any(|snapshot| snapshot.learned_from != "poll");
+        self.publish_dirty(&published, urgent).await
     }
 
-    async fn publish_dirty(&self, states: &[PersonState]) -> Result<()> {
+    async fn publish_dirty(&self, states: &[PersonState], urgent: bool) -> Result<()> {
         let emails: Vec<String> = states
             .iter()
             .filter(|state| state.decision == Decision::OptOut || state.has_evidence)
             .map(|state| state.email.clone())
             .collect();
-        self.publish_emails(&emails).await
+        self.publish_emails(&emails, urgent).await
     }
 
     /// Publishes the held first-sync opt-outs once no first-syncing audience is pending: every
@@ -294,7 +304,9 @@ impl Evaluator {
             .first_sync_audiences_pending
             .store(pending, Ordering::Relaxed);
         let mut transaction = self.pool.begin().await?;
-        let released = store::take_releasable(&mut transaction, max_hold, DIRTY_CHUNK * 10).await?;
+        // All at once, as far as memory allows: the writer then reads and writes them in full
+        // chunks and few Bulk API jobs rather than a pass per slice.
+        let released = store::take_releasable(&mut transaction, max_hold, RELEASE_CHUNK).await?;
         if released.is_empty() {
             return Ok(0);
         }
@@ -303,7 +315,7 @@ impl Evaluator {
             .filter(|(_, opted_out)| *opted_out)
             .map(|(email, _)| email.clone())
             .collect();
-        self.publish_emails(&emails).await?;
+        self.publish_emails(&emails, false).await?;
         transaction.commit().await?;
         debug!(
             released = released.len(),
@@ -313,8 +325,9 @@ impl Evaluator {
         Ok(released.len())
     }
 
-    /// `persons.dirty` for `emails`, each to its partition, in chunks.
-    async fn publish_emails(&self, emails: &[String]) -> Result<()> {
+    /// `persons.dirty` for `emails`, each to its partition, in chunks; `urgent` sets the header
+    /// that asks the writer to handle them promptly.
+    async fn publish_emails(&self, emails: &[String], urgent: bool) -> Result<()> {
         let mut partitions: BTreeMap<u16, Vec<String>> = BTreeMap::new();
         for email in emails {
             partitions
@@ -329,13 +342,12 @@ impl Evaluator {
                     emails: chunk.to_vec(),
                     reason: "members.changed".to_owned(),
                 };
+                let mut headers = FieldTable::default();
+                if urgent {
+                    headers.insert(optout_amqp::URGENT_HEADER.into(), AMQPValue::Boolean(true));
+                }
                 self.publisher
-                    .publish_typed(
-                        &routing_key,
-                        PERSONS_DIRTY_TYPE,
-                        &message,
-                        FieldTable::default(),
-                    )
+                    .publish_typed(&routing_key, PERSONS_DIRTY_TYPE, &message, headers)
                     .await?;
                 self.counters
                     .dirty_published

@@ -259,6 +259,8 @@ async fn consume_until_shutdown(
         max_wait: config.max_wait(),
         paused: shared.paused.subscribe(),
         in_flight: shared.in_flight.clone(),
+        // Pages come in whole from the fetcher: nothing gains from waiting longer for them.
+        bulk: None,
     };
     let queue = topology.members_changed_queue();
     optout_amqp::consume_with_metrics(

@@ -95,6 +95,7 @@ impl World {
                 max_wait: Duration::from_millis(10),
                 paused: watch::channel(false).1,
                 in_flight: Arc::default(),
+                bulk: None,
             };
             tokio::spawn(async move {
                 let name = queue.clone();
