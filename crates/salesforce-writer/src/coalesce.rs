@@ -39,6 +39,15 @@ const GATHER_STEP: Duration = Duration::from_millis(5);
 /// stays bounded whatever the size of the burst.
 const PASS_EMAILS: usize = 40_000;
 
+/// How long a pass may wait for batches still forming.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Waits {
+    /// Once the pass holds an urgent batch.
+    pub(crate) urgent: Duration,
+    /// Otherwise: the longest a consumer fills a batch.
+    pub(crate) longest: Duration,
+}
+
 /// What a batch's consumer gets back: the emails to redeliver, or why the pass failed.
 type Answer = Result<Arc<BTreeSet<String>>, String>;
 
@@ -46,6 +55,8 @@ type Answer = Result<Arc<BTreeSet<String>>, String>;
 struct Submission {
     /// Deliveries in the batch.
     messages: u64,
+    /// Whether one of them asked to be handled promptly (`URGENT_HEADER`).
+    urgent: bool,
     emails: BTreeSet<String>,
     trace_ids: HashMap<String, String>,
     /// The consumer's `process` span, which the pass continues.
@@ -72,18 +83,19 @@ impl Coalescer {
     /// after answering what it was handed.
     ///
     /// `in_flight` counts the deliveries the consumers of this process hold (taken and not yet
-    /// settled), and `batch_wait` is the longest a consumer fills a batch: a pass waits, at most
-    /// that long, for the batches still forming, so a burst spread over every partition becomes
-    /// one pass rather than one per partition.
+    /// settled). A pass waits for the batches still forming, so a burst spread over every
+    /// partition becomes one pass rather than one per partition: at most `longest_wait` (the
+    /// longest a consumer fills a batch), or `urgent_wait` once it holds an urgent batch, so a
+    /// webhook never waits for a sync's batch to fill.
     pub(crate) fn spawn(
         writer: Arc<Writer>,
         in_flight: Arc<AtomicU64>,
-        batch_wait: Duration,
+        waits: Waits,
         tasks: &TaskTracker,
     ) -> Self {
         // One slot per partition is plenty: each consumer has at most one batch waiting.
         let (submissions, receiver) = mpsc::channel(64);
-        tasks.spawn(run(writer, receiver, in_flight, batch_wait));
+        tasks.spawn(run(writer, receiver, in_flight, waits));
         Self { submissions }
     }
 
@@ -92,8 +104,15 @@ impl Coalescer {
     pub(crate) async fn handle_batch(&self, messages: &[Message<PersonsDirty>]) -> Vec<Outcome> {
         let (emails, trace_ids) = writer::dirty_emails(messages);
         let (reply, answer) = oneshot::channel();
+        let urgent = messages.iter().any(|message| {
+            matches!(
+                message.headers.inner().get(optout_amqp::URGENT_HEADER),
+                Some(lapin::types::AMQPValue::Boolean(true))
+            )
+        });
         let submission = Submission {
             messages: messages.len() as u64,
+            urgent,
             emails,
             trace_ids,
             span: tracing::Span::current(),
@@ -114,10 +133,16 @@ async fn run(
     writer: Arc<Writer>,
     mut receiver: mpsc::Receiver<Submission>,
     in_flight: Arc<AtomicU64>,
-    batch_wait: Duration,
+    waits: Waits,
 ) {
     while let Some(first) = receiver.recv().await {
-        let deadline = Instant::now() + batch_wait + GATHER_GAP;
+        let now = Instant::now();
+        let urgent_deadline = now + waits.urgent + GATHER_GAP;
+        let mut deadline = if first.urgent {
+            urgent_deadline
+        } else {
+            now + waits.longest + GATHER_GAP
+        };
         let mut emails = first.emails.len();
         let mut messages = first.messages;
         let mut pass = vec![first];
@@ -127,6 +152,9 @@ async fn run(
             let wait = if forming { GATHER_STEP } else { GATHER_GAP };
             match tokio::time::timeout(wait, receiver.recv()).await {
                 Ok(Some(submission)) => {
+                    if submission.urgent {
+                        deadline = deadline.min(Instant::now() + waits.urgent + GATHER_GAP);
+                    }
                     emails += submission.emails.len();
                     messages += submission.messages;
                     pass.push(submission);

@@ -101,9 +101,18 @@ pub struct Config {
     /// Most messages handled as one batch.
     #[arg(long, env = "OPTOUT_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
-    /// Longest wait for a batch to fill, in milliseconds.
+    /// Longest wait for a batch to fill, in milliseconds, once it holds an urgent message (a
+    /// webhook's consequence); the only wait when sync batching is off.
     #[arg(long, env = "OPTOUT_BATCH_WAIT_MS", default_value_t = 200)]
     pub batch_wait_ms: u64,
+    /// A batch of a sync's (not urgent) messages keeps filling until none has come for this
+    /// long, in milliseconds; 0 turns sync batching off. A sync's opt-outs arrive as a stream
+    /// over seconds, and every batch pays its own partly filled Salesforce calls.
+    #[arg(long, env = "OPTOUT_SYNC_BATCH_IDLE_MS", default_value_t = 300)]
+    pub sync_batch_idle_ms: u64,
+    /// Longest a batch of a sync's messages fills, in milliseconds.
+    #[arg(long, env = "OPTOUT_SYNC_BATCH_MAX_MS", default_value_t = 10_000)]
+    pub sync_batch_max_ms: u64,
     /// Records of one object in one write above which a Bulk API 2.0 job is used.
     #[arg(long, env = "OPTOUT_BULK_THRESHOLD", default_value_t = 2000)]
     pub bulk_threshold: usize,
@@ -249,9 +258,24 @@ impl Config {
         format!("{}_writer", self.database_schema)
     }
 
-    /// The longest wait for a batch to fill.
+    /// The longest wait for a batch to fill once it holds an urgent message.
     pub fn batch_wait(&self) -> Duration {
         Duration::from_millis(self.batch_wait_ms)
+    }
+
+    /// How batches of a sync's messages fill; `None` when sync batching is off.
+    pub fn sync_batching(&self) -> Option<optout_amqp::BulkBatching> {
+        (self.sync_batch_idle_ms > 0).then(|| optout_amqp::BulkBatching {
+            idle: Duration::from_millis(self.sync_batch_idle_ms),
+            max_wait: Duration::from_millis(self.sync_batch_max_ms.max(self.sync_batch_idle_ms)),
+        })
+    }
+
+    /// The longest a consumer batch can take to fill.
+    pub fn longest_batch_wait(&self) -> Duration {
+        self.sync_batching().map_or(self.batch_wait(), |bulk| {
+            bulk.max_wait.max(self.batch_wait())
+        })
     }
 
     /// The poll interval; `None` when polling happens only on TriggerSync.

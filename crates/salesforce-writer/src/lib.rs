@@ -479,7 +479,10 @@ async fn start_and_work(
     let coalescer = coalesce::Coalescer::spawn(
         Arc::clone(&writer),
         Arc::clone(&state.in_flight),
-        config.batch_wait(),
+        coalesce::Waits {
+            urgent: config.batch_wait(),
+            longest: config.longest_batch_wait(),
+        },
         &tasks,
     );
     for queue in topology.persons_dirty_queues() {
@@ -554,6 +557,7 @@ async fn consume_partition(
             max_wait: config.batch_wait(),
             paused: state.paused.subscribe(),
             in_flight: Arc::clone(&state.in_flight),
+            bulk: config.sync_batching(),
         };
         let coalescer = coalescer.clone();
         let result = optout_amqp::consume_with_metrics::<PersonsDirty, _, _>(

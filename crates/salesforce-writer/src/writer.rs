@@ -645,12 +645,18 @@ impl Writer {
                 emails,
                 reason: reason.to_owned(),
             };
+            // Someone changed the decision while we wrote: converge promptly.
+            let mut headers = lapin::types::FieldTable::default();
+            headers.insert(
+                optout_amqp::URGENT_HEADER.into(),
+                lapin::types::AMQPValue::Boolean(true),
+            );
             self.publisher
                 .publish_typed(
                     &self.topology.persons_dirty_routing_key(partition),
                     PERSONS_DIRTY_TYPE,
                     &body,
-                    lapin::types::FieldTable::default(),
+                    headers,
                 )
                 .await?;
         }
