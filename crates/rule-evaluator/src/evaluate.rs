@@ -26,7 +26,7 @@ use prometheus_client::{
 use prost::{Message as _, Name as _};
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::{
     Result,
@@ -256,7 +256,9 @@ impl Evaluator {
             // After the commit above, like the publish below: a crash in between redelivers the
             // batch, which finds the same state and holds (or publishes) again, and only then
             // counts its pages.
-            store::hold_first_sync_opt_outs(&self.pool, &held, pages).await?;
+            let traceparent = current_traceparent();
+            store::hold_first_sync_opt_outs(&self.pool, &held, pages, traceparent.as_deref())
+                .await?;
         }
         let held: HashSet<String> = held.into_iter().collect();
         for state in &states {
@@ -310,17 +312,41 @@ impl Evaluator {
         if released.is_empty() {
             return Ok(0);
         }
-        let emails: Vec<String> = released
-            .iter()
-            .filter(|(_, opted_out)| *opted_out)
-            .map(|(email, _)| email.clone())
-            .collect();
-        self.publish_emails(&emails, false).await?;
+        // Each group continues the trace of the sync that held it, so an opt-out's trace still
+        // runs from the Mailchimp read to the Salesforce write.
+        let mut by_trace: BTreeMap<String, (Option<String>, Vec<String>)> = BTreeMap::new();
+        for (email, opted_out, traceparent) in &released {
+            if !*opted_out {
+                continue;
+            }
+            let trace_id = traceparent
+                .as_deref()
+                .and_then(|value| value.split('-').nth(1))
+                .unwrap_or_default()
+                .to_owned();
+            let group = by_trace
+                .entry(trace_id)
+                .or_insert_with(|| (traceparent.clone(), Vec::new()));
+            group.1.push(email.clone());
+        }
+        let mut published = 0;
+        for (traceparent, emails) in by_trace.into_values() {
+            let span = info_span!("release first-sync opt-outs", emails = emails.len());
+            if let Some(traceparent) = traceparent {
+                let mut headers = FieldTable::default();
+                headers.insert(
+                    "traceparent".into(),
+                    AMQPValue::LongString(traceparent.into()),
+                );
+                optout_telemetry::set_remote_parent(&span, optout_amqp::observe::extract(&headers));
+            }
+            self.publish_emails(&emails, false).instrument(span).await?;
+            published += emails.len();
+        }
         transaction.commit().await?;
         debug!(
             released = released.len(),
-            published = emails.len(),
-            "released held first-sync opt-outs"
+            published, "released held first-sync opt-outs"
         );
         Ok(released.len())
     }
@@ -356,6 +382,18 @@ impl Evaluator {
             }
         }
         Ok(())
+    }
+}
+
+/// The W3C traceparent of the current span, to continue its trace later.
+fn current_traceparent() -> Option<String> {
+    let mut headers = FieldTable::default();
+    optout_amqp::observe::inject(&mut headers);
+    match headers.inner().get("traceparent")? {
+        AMQPValue::LongString(value) => {
+            Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+        }
+        _ => None,
     }
 }
 

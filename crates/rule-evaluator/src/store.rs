@@ -531,6 +531,7 @@ pub async fn hold_first_sync_opt_outs(
     pool: &PgPool,
     emails: &[String],
     pages: &[FirstSyncPage],
+    traceparent: Option<&str>,
 ) -> Result<()> {
     let mut transaction = pool.begin().await?;
     if !emails.is_empty() {
@@ -538,9 +539,11 @@ pub async fn hold_first_sync_opt_outs(
         let sorted: BTreeSet<&str> = emails.iter().map(String::as_str).collect();
         let sorted: Vec<&str> = sorted.into_iter().collect();
         sqlx::query(
-            "INSERT INTO held_opt_outs (email) SELECT unnest($1::text[]) ON CONFLICT (email) DO NOTHING",
+            "INSERT INTO held_opt_outs (email, traceparent) SELECT unnest($1::text[]), $2 \
+             ON CONFLICT (email) DO NOTHING",
         )
         .bind(sorted)
+        .bind(traceparent)
         .execute(&mut *transaction)
         .await?;
     }
@@ -677,13 +680,13 @@ pub async fn settle_first_sync_audiences(
 
 /// Deletes up to `limit` held opt-outs that may go (all of them once no first-sync audience is
 /// pending, see [`settle_first_sync_audiences`]; otherwise those held longer than `max_hold`) in
-/// `transaction`, which the caller commits once they are published, and returns each with whether
-/// its decision is still opt-out. Rows another replica is releasing are skipped.
+/// `transaction`, which the caller commits once they are published, and returns them (see
+/// [`Released`]). Rows another replica is releasing are skipped.
 pub async fn take_releasable(
     transaction: &mut sqlx::PgConnection,
     max_hold: std::time::Duration,
     limit: usize,
-) -> Result<Vec<(String, bool)>> {
+) -> Result<Vec<Released>> {
     // A person whose subscribed member arrived meanwhile needs no write (and one with opt-in
     // evidence is published by the evidence path). The bound on held_at is computed once, so the
     // index on it is used whether an audience is pending or not.
@@ -696,8 +699,8 @@ pub async fn take_releasable(
                          WHERE NOT completed AND touched_at > now() - make_interval(secs => $1)) \
                      THEN now() - make_interval(secs => $1) ELSE 'infinity' END \
                  ORDER BY held_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             RETURNING email) \
-         SELECT released.email, coalesce(persons.decision = 'opt_out', false) \
+             RETURNING email, traceparent) \
+         SELECT released.email, coalesce(persons.decision = 'opt_out', false), released.traceparent \
          FROM released LEFT JOIN persons USING (email)",
     )
     .bind(max_hold.as_secs_f64())
@@ -706,6 +709,10 @@ pub async fn take_releasable(
     .await?;
     Ok(released)
 }
+
+/// A held first-sync opt-out taken for release: the email, whether it is still opted out, and
+/// the traceparent of the batch that held it.
+pub type Released = (String, bool, Option<String>);
 
 /// How many first-sync opt-outs are held.
 pub async fn held_count(pool: &PgPool) -> Result<i64> {
