@@ -189,12 +189,23 @@ async fn write_pass(writer: &Writer, pass: Vec<Submission>) {
         replies.push(submission.reply);
     }
     let emails: Vec<String> = emails.into_iter().collect();
+    let started = Instant::now();
     let answer = match writer
         .write_dirty(&emails, trace_ids)
         .instrument(span)
         .await
     {
-        Ok(retry) => Ok(Arc::new(retry)),
+        Ok(report) => {
+            tracing::info!(
+                emails = emails.len(),
+                batches = replies.len(),
+                changes = report.changes,
+                written = report.written,
+                elapsed_ms = started.elapsed().as_millis(),
+                "write pass done"
+            );
+            Ok(Arc::new(report.retry))
+        }
         Err(error) => {
             tracing::warn!(error = %error_chain(&error), emails = emails.len(), batches = replies.len(), "write pass failed, its messages will be redelivered");
             Err(error.to_string())

@@ -249,13 +249,14 @@ impl Writer {
         self.busy.load(Ordering::SeqCst) > 0
     }
 
-    /// One write pass over dirty emails (normalised, distinct) from Mailchimp changes; returns
-    /// the emails whose records stayed locked, whose messages must be redelivered.
+    /// One write pass over dirty emails (normalised, distinct) from Mailchimp changes. The
+    /// report's `retry` names the emails whose records stayed locked, whose messages must be
+    /// redelivered.
     pub(crate) async fn write_dirty(
         &self,
         emails: &[String],
         trace_ids: HashMap<String, String>,
-    ) -> Result<BTreeSet<String>> {
+    ) -> Result<ApplyReport> {
         let _busy = self.busy_guard();
         self.counters.add("batches", 1);
         let options = ApplyOptions {
@@ -264,7 +265,7 @@ impl Writer {
             opt_out_only: false,
             trace_ids,
         };
-        Ok(self.apply(emails, &options).await?.retry)
+        self.apply(emails, &options).await
     }
 
     /// Current decisions for `emails`, asked in chunks.
