@@ -108,7 +108,7 @@ pub struct Config {
     /// A batch of a sync's (not urgent) messages keeps filling until none has come for this
     /// long, in milliseconds; 0 turns sync batching off. A sync's opt-outs arrive as a stream
     /// over seconds, and every batch pays its own partly filled Salesforce calls.
-    #[arg(long, env = "OPTOUT_SYNC_BATCH_IDLE_MS", default_value_t = 300)]
+    #[arg(long, env = "OPTOUT_SYNC_BATCH_IDLE_MS", default_value_t = 500)]
     pub sync_batch_idle_ms: u64,
     /// Longest a batch of a sync's messages fills, in milliseconds.
     #[arg(long, env = "OPTOUT_SYNC_BATCH_MAX_MS", default_value_t = 10_000)]

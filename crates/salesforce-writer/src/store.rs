@@ -8,6 +8,9 @@ use sqlx::{AssertSqlSafe, Executor, Row};
 use crate::Result;
 use crate::plan::{Change, SfObject};
 
+/// Audit rows per INSERT statement.
+const AUDIT_CHUNK: usize = 2000;
+
 /// One audit row to insert.
 #[derive(Clone, Debug)]
 pub(crate) struct AuditEntry {
@@ -70,38 +73,45 @@ impl Store {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut emails = Vec::with_capacity(entries.len());
-        let mut objects = Vec::with_capacity(entries.len());
-        let mut record_ids = Vec::with_capacity(entries.len());
-        let mut olds = Vec::with_capacity(entries.len());
-        let mut news = Vec::with_capacity(entries.len());
-        let mut reasons = Vec::with_capacity(entries.len());
-        let mut triggers = Vec::with_capacity(entries.len());
-        let mut trace_ids: Vec<Option<String>> = Vec::with_capacity(entries.len());
-        for entry in entries {
-            emails.push(entry.change.email.clone());
-            objects.push(entry.change.object.name().to_owned());
-            record_ids.push(entry.change.id.clone());
-            olds.push(entry.change.old);
-            news.push(entry.change.new);
-            reasons.push(entry.change.reason.clone());
-            triggers.push(entry.trigger.to_owned());
-            trace_ids.push(entry.trace_id.clone());
+        // One transaction, so a crash never leaves part of a pass audited (a replay finds those
+        // records written and would not audit them again); in chunks, so the statements' buffers
+        // stay small whatever the size of the pass.
+        let mut transaction = self.pool.begin().await?;
+        for chunk in entries.chunks(AUDIT_CHUNK) {
+            let mut emails = Vec::with_capacity(chunk.len());
+            let mut objects = Vec::with_capacity(chunk.len());
+            let mut record_ids = Vec::with_capacity(chunk.len());
+            let mut olds = Vec::with_capacity(chunk.len());
+            let mut news = Vec::with_capacity(chunk.len());
+            let mut reasons = Vec::with_capacity(chunk.len());
+            let mut triggers = Vec::with_capacity(chunk.len());
+            let mut trace_ids: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
+            for entry in chunk {
+                emails.push(entry.change.email.as_str());
+                objects.push(entry.change.object.name());
+                record_ids.push(entry.change.id.as_str());
+                olds.push(entry.change.old);
+                news.push(entry.change.new);
+                reasons.push(entry.change.reason.as_str());
+                triggers.push(entry.trigger);
+                trace_ids.push(entry.trace_id.as_deref());
+            }
+            sqlx::query(
+                "INSERT INTO audit_log (email, object, record_id, old_value, new_value, reason, \"trigger\", trace_id) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[], $8::text[])",
+            )
+            .bind(emails)
+            .bind(objects)
+            .bind(record_ids)
+            .bind(olds)
+            .bind(news)
+            .bind(reasons)
+            .bind(triggers)
+            .bind(trace_ids)
+            .execute(&mut *transaction)
+            .await?;
         }
-        sqlx::query(
-            "INSERT INTO audit_log (email, object, record_id, old_value, new_value, reason, \"trigger\", trace_id) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[], $8::text[])",
-        )
-        .bind(emails)
-        .bind(objects)
-        .bind(record_ids)
-        .bind(olds)
-        .bind(news)
-        .bind(reasons)
-        .bind(triggers)
-        .bind(trace_ids)
-        .execute(&self.pool)
-        .await?;
+        transaction.commit().await?;
         Ok(())
     }
 

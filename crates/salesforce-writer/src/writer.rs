@@ -311,15 +311,37 @@ impl Writer {
         } else {
             Some(self.write_gate.read().await)
         };
-        let decisions = self.decide(emails).await?;
-        let targets = plan::targets(&decisions, options.opt_out_only);
+        // Decisions are asked, and turned into targets, a chunk at a time: a pass can hold tens of
+        // thousands of emails, and only the targets (and their opt-out times) are needed further.
+        let mut targets = BTreeMap::new();
+        // The opt-out clock: when each opt-out became effective in Mailchimp, for the latency histogram
+        // and the oldest-unwritten gauge.
+        let mut opted_out_at: HashMap<String, DateTime<Utc>> = HashMap::new();
+        for chunk in emails.chunks(DECIDE_CHUNK) {
+            let decisions = self.decide(chunk).await?;
+            let chunk_targets = plan::targets(&decisions, options.opt_out_only);
+            for decision in &decisions {
+                let email = plan::normalize_email(&decision.email);
+                if !chunk_targets.contains_key(&email) {
+                    continue;
+                }
+                let time = decision.opted_out_at.as_ref().and_then(|time| {
+                    DateTime::<Utc>::from_timestamp(
+                        time.seconds,
+                        u32::try_from(time.nanos).unwrap_or(0),
+                    )
+                });
+                if let Some(time) = time {
+                    opted_out_at.insert(email, time);
+                }
+            }
+            targets.extend(chunk_targets);
+        }
         if targets.is_empty() {
             // Nothing must change: no Salesforce call at all.
             return Ok(report);
         }
-        let target_emails: Vec<String> = targets.keys().cloned().collect();
-        let records = self.read_current(&target_emails).await?;
-        let changes = plan::diff(&targets, &records);
+        let changes = self.read_changes(&targets).await?;
         report.changes = changes.len();
         if options.dry_run {
             for change in &changes {
@@ -332,25 +354,17 @@ impl Writer {
             report.planned = changes;
             return Ok(report);
         }
-        // The opt-out clock: when each opt-out became effective in Mailchimp, for the latency histogram
-        // and the oldest-unwritten gauge.
-        let opted_out_at: HashMap<String, DateTime<Utc>> = decisions
-            .iter()
-            .filter_map(|decision| {
-                let time = decision.opted_out_at.as_ref()?;
-                let time = DateTime::<Utc>::from_timestamp(
-                    time.seconds,
-                    u32::try_from(time.nanos).unwrap_or(0),
-                )?;
-                Some((plan::normalize_email(&decision.email), time))
-            })
-            .collect();
         for change in changes.iter().filter(|change| change.new) {
             if let Some(time) = opted_out_at.get(&change.email) {
                 self.metrics.opt_out_in_hand(&change.email, *time);
             }
         }
         let outcomes = self.write(&changes).await?;
+        // The audit row names the trace holding the Salesforce call that wrote the record. A pass
+        // that merged several batches runs in the first one's trace and links the others, so for
+        // the rest this is not the trace their Mailchimp change started; the message's own trace
+        // is the fallback when the pass has none.
+        let write_trace = optout_telemetry::current_trace_id();
 
         let mut audit = Vec::new();
         let mut unsettled = BTreeSet::new();
@@ -370,7 +384,9 @@ impl Writer {
                     audit.push(AuditEntry {
                         change: change.clone(),
                         trigger: options.trigger.as_str(),
-                        trace_id: options.trace_ids.get(&change.email).cloned(),
+                        trace_id: write_trace
+                            .clone()
+                            .or_else(|| options.trace_ids.get(&change.email).cloned()),
                     });
                 }
                 RecordOutcome::ConvertedLead => {
@@ -409,20 +425,26 @@ impl Writer {
         Ok(report)
     }
 
-    /// Reads the current field values of every enabled object for `emails`.
-    async fn read_current(&self, emails: &[String]) -> Result<Vec<CurrentRecord>> {
-        let mut records = Vec::new();
+    /// Reads the current values of every enabled object's records of the targets' emails and
+    /// returns those that differ from their target, in a stable order. Each statement's rows are
+    /// compared as they come, so a pass never holds every record it read.
+    async fn read_changes(&self, targets: &BTreeMap<String, Target>) -> Result<Vec<Change>> {
+        let emails: Vec<String> = targets.keys().cloned().collect();
+        let mut changes = Vec::new();
         for object in &self.objects {
-            for soql in plan::read_queries(*object, emails, self.person_accounts) {
+            for soql in plan::read_queries(*object, &emails, self.person_accounts) {
                 let rows: Vec<Value> = self.salesforce.query(&soql).await?;
                 self.counters.add("records_read", rows.len() as u64);
-                records.extend(
-                    rows.iter()
-                        .filter_map(|row| plan::parse_record(*object, row)),
-                );
+                let records: Vec<CurrentRecord> = rows
+                    .iter()
+                    .filter_map(|row| plan::parse_record(*object, row))
+                    .collect();
+                changes.extend(plan::diff(targets, &records));
             }
         }
-        Ok(records)
+        changes.sort_by(|left, right| (left.object, &left.id).cmp(&(right.object, &right.id)));
+        changes.dedup_by(|left, right| left.object == right.object && left.id == right.id);
+        Ok(changes)
     }
 
     /// Writes `changes` and returns one outcome per change, retrying transient failures.
