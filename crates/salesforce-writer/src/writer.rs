@@ -28,6 +28,8 @@ use crate::{Error, Result};
 
 /// Emails per `Decide` call.
 const DECIDE_CHUNK: usize = 1000;
+/// SOQL reads of one pass in flight at once.
+const READ_CONCURRENCY: usize = 4;
 /// Proto full name of the messages this writer publishes.
 const PERSONS_DIRTY_TYPE: &str = "optout.queue.v1.PersonsDirty";
 /// Extra attempts for records that hit a transient per-record error (row locks).
@@ -429,18 +431,34 @@ impl Writer {
     /// returns those that differ from their target, in a stable order. Each statement's rows are
     /// compared as they come, so a pass never holds every record it read.
     async fn read_changes(&self, targets: &BTreeMap<String, Target>) -> Result<Vec<Change>> {
+        use futures::{StreamExt as _, TryStreamExt as _};
         let emails: Vec<String> = targets.keys().cloned().collect();
-        let mut changes = Vec::new();
-        for object in &self.objects {
-            for soql in plan::read_queries(*object, &emails, self.person_accounts) {
+        let statements: Vec<(SfObject, String)> = self
+            .objects
+            .iter()
+            .flat_map(|object| {
+                plan::read_queries(*object, &emails, self.person_accounts)
+                    .into_iter()
+                    .map(|soql| (*object, soql))
+            })
+            .collect();
+        drop(emails);
+        // A few reads in flight: one at a time, a pass of tens of thousands of emails spends most
+        // of its time waiting on round trips. Salesforce allows 25 long-running requests per org.
+        let mut reads = futures::stream::iter(statements)
+            .map(|(object, soql)| async move {
                 let rows: Vec<Value> = self.salesforce.query(&soql).await?;
-                self.counters.add("records_read", rows.len() as u64);
-                let records: Vec<CurrentRecord> = rows
-                    .iter()
-                    .filter_map(|row| plan::parse_record(*object, row))
-                    .collect();
-                changes.extend(plan::diff(targets, &records));
-            }
+                Ok::<_, Error>((object, rows))
+            })
+            .buffer_unordered(READ_CONCURRENCY);
+        let mut changes = Vec::new();
+        while let Some((object, rows)) = reads.try_next().await? {
+            self.counters.add("records_read", rows.len() as u64);
+            let records: Vec<CurrentRecord> = rows
+                .iter()
+                .filter_map(|row| plan::parse_record(object, row))
+                .collect();
+            changes.extend(plan::diff(targets, &records));
         }
         changes.sort_by(|left, right| (left.object, &left.id).cmp(&(right.object, &right.id)));
         changes.dedup_by(|left, right| left.object == right.object && left.id == right.id);
