@@ -469,6 +469,7 @@ impl Writer {
     async fn write(&self, changes: &[Change]) -> Result<Vec<RecordOutcome>> {
         let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; changes.len()];
         let mut collection = Vec::new();
+        let mut bulk = Vec::new();
         for object in SfObject::ALL {
             let indexes: Vec<usize> = changes
                 .iter()
@@ -477,10 +478,18 @@ impl Writer {
                 .map(|(index, _)| index)
                 .collect();
             if indexes.len() > self.bulk_threshold {
-                self.write_bulk(object, changes, &indexes, &mut outcomes)
-                    .await?;
+                bulk.push((object, indexes));
             } else {
                 collection.extend(indexes);
+            }
+        }
+        // Each object's job at once: a job's time is mostly Salesforce processing it.
+        let jobs = bulk
+            .iter()
+            .map(|(object, indexes)| self.write_bulk(*object, changes, indexes));
+        for settled in futures::future::try_join_all(jobs).await? {
+            for (index, outcome) in settled {
+                outcomes[index] = Some(outcome);
             }
         }
         self.write_collection(changes, &collection, &mut outcomes)
@@ -535,14 +544,15 @@ impl Writer {
         Ok(())
     }
 
-    /// One Bulk API 2.0 update job for `object`.
+    /// One Bulk API 2.0 update job for `object`; returns the outcome of each record it settled
+    /// (by index into `changes`). Records it did not settle are retried through collections.
     async fn write_bulk(
         &self,
         object: SfObject,
         changes: &[Change],
         indexes: &[usize],
-        outcomes: &mut [Option<RecordOutcome>],
-    ) -> Result<()> {
+    ) -> Result<Vec<(usize, RecordOutcome)>> {
+        let mut outcomes: HashMap<usize, RecordOutcome> = HashMap::new();
         let selected: Vec<&Change> = indexes.iter().map(|index| &changes[*index]).collect();
         let csv = plan::bulk_csv(object, &selected);
         tracing::info!(%object, records = indexes.len(), "writing through a bulk job");
@@ -564,24 +574,24 @@ impl Writer {
         };
         for row in &result.successful {
             if let Some(index) = row_id(row) {
-                outcomes[index] = Some(RecordOutcome::Written);
+                outcomes.insert(index, RecordOutcome::Written);
             }
         }
         for row in &result.failed {
             if let Some(index) = row_id(row) {
                 let (status_code, message) =
                     plan::parse_bulk_error(row.get("sf__Error").map(String::as_str).unwrap_or(""));
-                outcomes[index] = Some(RecordOutcome::from_error(&status_code, &message));
+                outcomes.insert(index, RecordOutcome::from_error(&status_code, &message));
             }
         }
         if result.rest_succeeded {
             // Every row was processed: those not listed as failed were written.
             for index in indexes {
-                outcomes[*index].get_or_insert(RecordOutcome::Written);
+                outcomes.entry(*index).or_insert(RecordOutcome::Written);
             }
         }
-        // Otherwise records in neither list stay `None` and are retried through collections.
-        Ok(())
+        // Otherwise records in neither list stay unsettled and are retried through collections.
+        Ok(outcomes.into_iter().collect())
     }
 
     /// Keeps a permanently rejected record, with Salesforce's reason, in its partition's DLQ.
