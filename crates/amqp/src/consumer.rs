@@ -25,7 +25,7 @@ use tracing::{Instrument as _, debug, warn};
 
 use crate::{
     ConsumerMetrics, Error, FIRST_FAILURE_HEADER, ORIGINAL_ROUTING_KEY_HEADER, REASON_HEADER,
-    Result, Topology, URGENT_HEADER, headers, observe, publisher::publish_confirmed,
+    Result, Topology, headers, observe, publisher::publish_confirmed,
 };
 
 /// Header naming the queue a message was dead-lettered from.
@@ -85,14 +85,14 @@ pub struct ConsumeOptions {
     pub paused: watch::Receiver<bool>,
     /// Incremented per delivery taken, decremented once it is acked, dead-lettered or requeued.
     pub in_flight: Arc<AtomicU64>,
-    /// Batching for economy rather than latency, for deliveries without [`URGENT_HEADER`].
+    /// Batching for economy rather than latency, for deliveries without [`URGENT_HEADER`](crate::URGENT_HEADER).
     pub bulk: Option<BulkBatching>,
 }
 
 /// How a batch of non-urgent deliveries fills when [`ConsumeOptions::bulk`] is set: it keeps
 /// taking deliveries while they keep coming, and closes `idle` after the last one or `max_wait`
 /// after the first, or when full. A batch holding an urgent delivery (one with
-/// [`URGENT_HEADER`]) closes [`ConsumeOptions::max_wait`] after that delivery arrived, or
+/// [`URGENT_HEADER`](crate::URGENT_HEADER)) closes [`ConsumeOptions::max_wait`] after that delivery arrived, or
 /// earlier by the rules above, so a webhook's latency is unchanged.
 ///
 /// Why: a sync notifies the consumer in a stream of messages over seconds; handled in short
@@ -105,14 +105,13 @@ pub struct BulkBatching {
     pub max_wait: Duration,
 }
 
-/// Whether a delivery asks to be handled promptly (its [`URGENT_HEADER`] is true).
+/// Whether a delivery asks to be handled promptly (see [`crate::is_urgent`]).
 fn is_urgent(delivery: &Delivery) -> bool {
     delivery
         .properties
         .headers()
         .as_ref()
-        .and_then(|headers| headers.inner().get(URGENT_HEADER))
-        .is_some_and(|value| matches!(value, lapin::types::AMQPValue::Boolean(true)))
+        .is_some_and(crate::is_urgent)
 }
 
 /// When the batch that started at `started` must close, given its last delivery's arrival and

@@ -33,6 +33,21 @@ pub const FIRST_FAILURE_HEADER: &str = "x-optout-first-failure";
 /// Boolean header: handle this message promptly (a webhook's consequence), not in the longer
 /// batches a sync's stream of messages is gathered into (see [`BulkBatching`]).
 pub const URGENT_HEADER: &str = "x-optout-urgent";
+
+/// Headers that mark a message urgent ([`URGENT_HEADER`] true).
+pub fn urgent_headers() -> lapin::types::FieldTable {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(URGENT_HEADER.into(), lapin::types::AMQPValue::Boolean(true));
+    headers
+}
+
+/// Whether `headers` mark a message urgent.
+pub fn is_urgent(headers: &lapin::types::FieldTable) -> bool {
+    matches!(
+        headers.inner().get(URGENT_HEADER),
+        Some(lapin::types::AMQPValue::Boolean(true))
+    )
+}
 /// The content type of every body this crate publishes.
 pub const CONTENT_TYPE: &str = "application/protobuf";
 

@@ -368,10 +368,11 @@ impl Evaluator {
                     emails: chunk.to_vec(),
                     reason: "members.changed".to_owned(),
                 };
-                let mut headers = FieldTable::default();
-                if urgent {
-                    headers.insert(optout_amqp::URGENT_HEADER.into(), AMQPValue::Boolean(true));
-                }
+                let headers = if urgent {
+                    optout_amqp::urgent_headers()
+                } else {
+                    FieldTable::default()
+                };
                 self.publisher
                     .publish_typed(&routing_key, PERSONS_DIRTY_TYPE, &message, headers)
                     .await?;

@@ -104,12 +104,9 @@ impl Coalescer {
     pub(crate) async fn handle_batch(&self, messages: &[Message<PersonsDirty>]) -> Vec<Outcome> {
         let (emails, trace_ids) = writer::dirty_emails(messages);
         let (reply, answer) = oneshot::channel();
-        let urgent = messages.iter().any(|message| {
-            matches!(
-                message.headers.inner().get(optout_amqp::URGENT_HEADER),
-                Some(lapin::types::AMQPValue::Boolean(true))
-            )
-        });
+        let urgent = messages
+            .iter()
+            .any(|message| optout_amqp::is_urgent(&message.headers));
         let submission = Submission {
             messages: messages.len() as u64,
             urgent,

@@ -697,17 +697,12 @@ impl Writer {
                 reason: reason.to_owned(),
             };
             // Someone changed the decision while we wrote: converge promptly.
-            let mut headers = lapin::types::FieldTable::default();
-            headers.insert(
-                optout_amqp::URGENT_HEADER.into(),
-                lapin::types::AMQPValue::Boolean(true),
-            );
             self.publisher
                 .publish_typed(
                     &self.topology.persons_dirty_routing_key(partition),
                     PERSONS_DIRTY_TYPE,
                     &body,
-                    headers,
+                    optout_amqp::urgent_headers(),
                 )
                 .await?;
         }
