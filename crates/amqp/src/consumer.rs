@@ -93,7 +93,9 @@ pub struct ConsumeOptions {
 /// taking deliveries while they keep coming, and closes `idle` after the last one or `max_wait`
 /// after the first, or when full. A batch holding an urgent delivery (one with
 /// [`URGENT_HEADER`](crate::URGENT_HEADER)) closes [`ConsumeOptions::max_wait`] after that delivery arrived, or
-/// earlier by the rules above, so a webhook's latency is unchanged.
+/// earlier by the rules above, so a webhook's latency is unchanged. Any batch closes as soon as it
+/// takes a delivery with [`FLUSH_HEADER`](crate::FLUSH_HEADER): the publisher says its stream is complete,
+/// and the idle window is only the fallback for a stream that never says so.
 ///
 /// Why: a sync notifies the consumer in a stream of messages over seconds; handled in short
 /// windows, each window pays its own partly filled API calls downstream.
@@ -103,6 +105,15 @@ pub struct BulkBatching {
     pub idle: Duration,
     /// Longest a batch fills.
     pub max_wait: Duration,
+}
+
+/// Whether a delivery ends its stream (see [`crate::is_flush`]).
+fn is_flush(delivery: &Delivery) -> bool {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .is_some_and(crate::is_flush)
 }
 
 /// Whether a delivery asks to be handled promptly (see [`crate::is_urgent`]).
@@ -320,10 +331,12 @@ where
         let started = Instant::now();
         let mut last = started;
         let mut urgent_since = is_urgent(&first).then_some(started);
+        // A flush says nothing more of its stream is coming: waiting would only add latency.
+        let mut flushed = is_flush(&first);
         let mut batch = vec![first];
         let mut stop_after_batch = None;
         let mut failure = None;
-        while batch.len() < max_batch {
+        while batch.len() < max_batch && !flushed {
             let deadline = batch_deadline(options, started, last, urgent_since);
             tokio::select! {
                 biased;
@@ -339,6 +352,7 @@ where
                         if urgent_since.is_none() && is_urgent(&delivery) {
                             urgent_since = Some(last);
                         }
+                        flushed = is_flush(&delivery);
                         batch.push(delivery);
                     }
                     Err(error) => {

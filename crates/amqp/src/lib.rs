@@ -48,6 +48,26 @@ pub fn is_urgent(headers: &lapin::types::FieldTable) -> bool {
         Some(lapin::types::AMQPValue::Boolean(true))
     )
 }
+
+/// Boolean header: the stream this message ends is complete (a sync run's last notification),
+/// so a batch that holds it closes at once rather than when its window runs out.
+pub const FLUSH_HEADER: &str = "x-optout-flush";
+
+/// Headers that mark a message as a flush ([`FLUSH_HEADER`] true).
+pub fn flush_headers() -> lapin::types::FieldTable {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(FLUSH_HEADER.into(), lapin::types::AMQPValue::Boolean(true));
+    headers
+}
+
+/// Whether `headers` mark a message as a flush.
+pub fn is_flush(headers: &lapin::types::FieldTable) -> bool {
+    matches!(
+        headers.inner().get(FLUSH_HEADER),
+        Some(lapin::types::AMQPValue::Boolean(true))
+    )
+}
+
 /// The content type of every body this crate publishes.
 pub const CONTENT_TYPE: &str = "application/protobuf";
 

@@ -63,6 +63,11 @@ impl Topology {
         )
     }
 
+    /// How many `persons.dirty` partitions there are.
+    pub fn persons_partitions(&self) -> u16 {
+        self.persons_partitions
+    }
+
     /// Every `{prefix}persons.dirty.{p}` queue, in partition order.
     pub fn persons_dirty_queues(&self) -> Vec<String> {
         (0..self.persons_partitions)

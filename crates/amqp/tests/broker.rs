@@ -646,6 +646,79 @@ async fn bulk_batching_gathers_a_stream_and_an_urgent_message_closes_its_batch_e
     broker.teardown().await
 }
 
+/// Publishes `ping(id)` with the flush header.
+async fn publish_flush(publisher: &Publisher, id: &str) -> anyhow::Result<()> {
+    publisher
+        .publish_typed(
+            "members.changed",
+            "optout.test.v1.Ping",
+            &ping(id),
+            optout_amqp::flush_headers(),
+        )
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_flush_closes_a_bulk_batch_at_once() -> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let (_paused, paused_receiver) = watch::channel(false);
+    let options = ConsumeOptions {
+        prefetch: 100,
+        max_batch: 100,
+        max_wait: Duration::from_millis(50),
+        paused: paused_receiver,
+        in_flight: Arc::new(AtomicU64::new(0)),
+        // Windows far beyond the test's deadline: only the flush can close these batches in time.
+        bulk: Some(optout_amqp::BulkBatching {
+            idle: DEADLINE * 4,
+            max_wait: DEADLINE * 8,
+        }),
+    };
+    let connection = broker.connection.clone();
+    let topology = broker.topology.clone();
+    let queue = topology.members_changed_queue();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        consume(
+            &connection,
+            &topology,
+            &queue,
+            options,
+            token,
+            move |batch: Vec<Message<Ping>>| {
+                let ids: Vec<String> = batch
+                    .iter()
+                    .map(|message| message.body.id.clone())
+                    .collect();
+                let _ = sender.send(ids);
+                async move { vec![Outcome::Ack; batch.len()] }
+            },
+        )
+        .await
+    });
+    for index in 0..5 {
+        publish_ping(&publisher, &format!("s{index}"), false).await?;
+    }
+    publish_flush(&publisher, "end1").await?;
+    // The next stream starts a new batch, and a flush alone is a batch of its own.
+    publish_ping(&publisher, "t0", false).await?;
+    publish_flush(&publisher, "end2").await?;
+    publish_flush(&publisher, "end3").await?;
+    assert_eq!(
+        next_batch(&mut receiver).await?,
+        ["s0", "s1", "s2", "s3", "s4", "end1"]
+    );
+    assert_eq!(next_batch(&mut receiver).await?, ["t0", "end2"]);
+    assert_eq!(next_batch(&mut receiver).await?, ["end3"]);
+    shutdown.cancel();
+    task.await??;
+    broker.teardown().await
+}
+
 async fn next_batch(
     receiver: &mut mpsc::UnboundedReceiver<Vec<String>>,
 ) -> anyhow::Result<Vec<String>> {
