@@ -7,6 +7,9 @@
 //! hold the opt-outs it decides until every first-syncing audience has been read: the run announces
 //! the audiences whose first sync has not completed, and each audience's first sync says when it
 //! starts and, once every page is confirmed, how many pages it published (numbered from 1).
+//!
+//! Every run that published a page ends with a `SyncRunDone` counting them, so that the evaluator can
+//! tell the writer when the run's last change is in (see `SyncRunDone` in `messages.proto`).
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +26,8 @@ use lapin::types::FieldTable;
 use optout_amqp::{MEMBERS_CHANGED_ROUTING_KEY, Publisher, Topology};
 use optout_mailchimp::{MailchimpClient, Member, MemberStatus, MembersQuery};
 use optout_proto::queue::v1::{
-    self as queue, FirstSyncMarker, MemberSnapshot, MembersChanged, Source, first_sync_marker,
+    self as queue, FirstSyncMarker, MemberSnapshot, MembersChanged, Source, SyncRunDone,
+    first_sync_marker,
 };
 use optout_telemetry::SpanExt as _;
 use sqlx::PgPool;
@@ -619,6 +623,18 @@ impl Fetcher {
             .collect()
             .await;
         outcomes.extend(synced);
+        // Also after a failed or stopped audience: what was published is complete all the same.
+        let pages = progress.pages_published.load(Ordering::Relaxed);
+        if pages > 0 {
+            let done = SyncRunDone {
+                run_id: run_id.to_owned(),
+                pages: u32::try_from(pages).unwrap_or(u32::MAX),
+            };
+            // Only a hint that lets the writer start early: the run's pages are safe without it.
+            if let Err(error) = publisher.publish(MEMBERS_CHANGED_ROUTING_KEY, &done).await {
+                warn!(error = %Error::from(error).chain(), "failed to publish the end of the run");
+            }
+        }
         Ok(outcomes)
     }
 

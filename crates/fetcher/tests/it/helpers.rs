@@ -8,7 +8,7 @@ use lapin::options::BasicGetOptions;
 use optout_amqp::Topology;
 use optout_fetcher::{Fetcher, SyncSettings, store};
 use optout_mailchimp::{MailchimpClient, MailchimpConfig, MembersQuery};
-use optout_proto::queue::v1::{FirstSyncMarker, MembersChanged};
+use optout_proto::queue::v1::{FirstSyncMarker, MembersChanged, SyncRunDone};
 use optout_sandbox::{Sandbox, SandboxConfig};
 use prost::{Message as _, Name as _};
 use sqlx::PgPool;
@@ -25,6 +25,8 @@ pub(crate) enum Published {
     Members(MembersChanged),
     /// A first-sync marker.
     Marker(FirstSyncMarker),
+    /// The end of a run.
+    RunDone(SyncRunDone),
 }
 
 pub(crate) struct TestApp {
@@ -106,7 +108,7 @@ impl TestApp {
 
     /// Takes every message in the members.changed queue (publishing is confirmed before a run
     /// ends, so the queue is complete when this is called) and returns the pages and events, in
-    /// order, leaving out first-sync markers.
+    /// order, leaving out markers.
     pub(crate) async fn drain_members_changed(&self) -> Result<Vec<MembersChanged>> {
         Ok(self
             .drain_published()
@@ -114,7 +116,7 @@ impl TestApp {
             .into_iter()
             .filter_map(|published| match published {
                 Published::Members(message) => Some(message),
-                Published::Marker(_) => None,
+                Published::Marker(_) | Published::RunDone(_) => None,
             })
             .collect())
     }
@@ -138,6 +140,8 @@ impl TestApp {
                 .unwrap_or_default();
             if kind == FirstSyncMarker::full_name() {
                 messages.push(Published::Marker(FirstSyncMarker::decode(data)?));
+            } else if kind == SyncRunDone::full_name() {
+                messages.push(Published::RunDone(SyncRunDone::decode(data)?));
             } else {
                 anyhow::ensure!(
                     kind == MembersChanged::full_name(),

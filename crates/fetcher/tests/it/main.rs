@@ -32,7 +32,7 @@ async fn first_sync_publishes_every_member_exactly_once_per_audience() -> Result
         .into_iter()
         .filter_map(|published| match published {
             Published::Members(message) => Some(message),
-            Published::Marker(_) => None,
+            Published::Marker(_) | Published::RunDone(_) => None,
         })
         .collect();
     let counts = count_members(&messages);
@@ -134,6 +134,7 @@ fn assert_first_sync_is_framed_by_markers(
                     }
                 }
                 Published::Members(_) => {}
+                Published::RunDone(_) => {}
             }
         }
         assert_eq!(started.len(), 1, "{audience}: one started marker");
@@ -158,6 +159,24 @@ fn assert_first_sync_is_framed_by_markers(
             "{audience}: pages between started ({started}) and done ({done}): {pages:?}"
         );
     }
+    // The run ends, after its last page, by counting every page it published.
+    let pages = published
+        .iter()
+        .filter(|message| matches!(message, Published::Members(_)))
+        .count();
+    let Some(Published::RunDone(end)) = published.last() else {
+        anyhow::bail!("the run did not end with SyncRunDone: {published:?}");
+    };
+    assert_eq!(end.run_id, run_id);
+    assert_eq!(
+        end.pages as usize, pages,
+        "SyncRunDone counts the run's pages"
+    );
+    let ends = published
+        .iter()
+        .filter(|message| matches!(message, Published::RunDone(_)))
+        .count();
+    assert_eq!(ends, 1, "one SyncRunDone per run");
     Ok(())
 }
 
@@ -394,7 +413,7 @@ async fn paused_fetcher_refuses_runs_and_a_run_stops_at_a_page_boundary() -> Res
         .iter()
         .filter_map(|published| match published {
             Published::Marker(marker) => Some(marker),
-            Published::Members(_) => None,
+            Published::Members(_) | Published::RunDone(_) => None,
         })
         .collect();
     assert!(markers.iter().all(|marker| marker.run_id == report.run_id));
@@ -425,7 +444,7 @@ async fn paused_fetcher_refuses_runs_and_a_run_stops_at_a_page_boundary() -> Res
         .iter()
         .filter_map(|published| match published {
             Published::Members(page) => Some(page.page),
-            Published::Marker(_) => None,
+            Published::Marker(_) | Published::RunDone(_) => None,
         })
         .collect();
     assert_eq!(numbers, (1..=pages).collect::<Vec<_>>());
