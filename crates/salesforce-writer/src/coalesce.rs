@@ -55,7 +55,8 @@ type Answer = Result<Arc<BTreeSet<String>>, String>;
 struct Submission {
     /// Deliveries in the batch.
     messages: u64,
-    /// Whether one of them asked to be handled promptly (`URGENT_HEADER`).
+    /// Whether one of them asked to be handled promptly (`URGENT_HEADER`) or ended its stream
+    /// (`FLUSH_HEADER`).
     urgent: bool,
     emails: BTreeSet<String>,
     trace_ids: HashMap<String, String>,
@@ -103,10 +104,16 @@ impl Coalescer {
     /// hand in meanwhile, and says what to do with each message.
     pub(crate) async fn handle_batch(&self, messages: &[Message<PersonsDirty>]) -> Vec<Outcome> {
         let (emails, trace_ids) = writer::dirty_emails(messages);
+        if emails.is_empty() {
+            // Only flushes (or empty notifications): nothing to write, no pass to wait for.
+            return writer::outcomes(messages, &Ok(Arc::default()));
+        }
         let (reply, answer) = oneshot::channel();
-        let urgent = messages
-            .iter()
-            .any(|message| optout_amqp::is_urgent(&message.headers));
+        // A flush ends a sync's stream: the other partitions' batches of it close on their own
+        // flushes now, so the pass need not wait out their windows.
+        let urgent = messages.iter().any(|message| {
+            optout_amqp::is_urgent(&message.headers) || optout_amqp::is_flush(&message.headers)
+        });
         let submission = Submission {
             messages: messages.len() as u64,
             urgent,

@@ -30,6 +30,8 @@ use crate::{Error, Result};
 const DECIDE_CHUNK: usize = 1000;
 /// SOQL reads of one pass in flight at once.
 const READ_CONCURRENCY: usize = 4;
+/// `Decide` requests of a pass in flight at once.
+const DECIDE_CONCURRENCY: usize = 4;
 /// Proto full name of the messages this writer publishes.
 const PERSONS_DIRTY_TYPE: &str = "optout.queue.v1.PersonsDirty";
 /// Extra attempts for records that hit a transient per-record error (row locks).
@@ -270,25 +272,42 @@ impl Writer {
         self.apply(emails, &options).await
     }
 
-    /// Current decisions for `emails`, asked in chunks.
+    /// Current decisions for `emails`, asked in chunks, a few at once.
     pub(crate) async fn decide(&self, emails: &[String]) -> Result<Vec<PersonDecision>> {
+        use futures::TryStreamExt as _;
         let mut decisions = Vec::with_capacity(emails.len());
-        for chunk in emails.chunks(DECIDE_CHUNK) {
-            let response = self
-                .decisions
-                .clone()
-                .decide(DecideRequest {
-                    emails: chunk.to_vec(),
-                })
-                .instrument(optout_telemetry::grpc::client_span(
-                    DECISIONS_SERVICE,
-                    "Decide",
-                ))
-                .await
-                .map_err(|status| Error::Evaluator(Box::new(status)))?;
-            decisions.extend(response.into_inner().decisions);
+        let mut chunks = std::pin::pin!(self.decide_chunks(emails));
+        while let Some(chunk) = chunks.try_next().await? {
+            decisions.extend(chunk);
         }
         Ok(decisions)
+    }
+
+    /// The decisions of `emails` a chunk at a time, in order, with a few requests in flight: each
+    /// reads its persons and members from PostgreSQL, where a large org is mostly not in memory,
+    /// and asked one after another a pass of tens of thousands of emails mostly waits on disk.
+    fn decide_chunks<'a>(
+        &'a self,
+        emails: &'a [String],
+    ) -> impl futures::Stream<Item = Result<Vec<PersonDecision>>> + 'a {
+        use futures::StreamExt as _;
+        futures::stream::iter(emails.chunks(DECIDE_CHUNK))
+            .map(move |chunk| async move {
+                let response = self
+                    .decisions
+                    .clone()
+                    .decide(DecideRequest {
+                        emails: chunk.to_vec(),
+                    })
+                    .instrument(optout_telemetry::grpc::client_span(
+                        DECISIONS_SERVICE,
+                        "Decide",
+                    ))
+                    .await
+                    .map_err(|status| Error::Evaluator(Box::new(status)))?;
+                Ok(response.into_inner().decisions)
+            })
+            .buffered(DECIDE_CONCURRENCY)
     }
 
     /// One pass of the write path over `emails` (already normalised and distinct).
@@ -319,8 +338,8 @@ impl Writer {
         // The opt-out clock: when each opt-out became effective in Mailchimp, for the latency histogram
         // and the oldest-unwritten gauge.
         let mut opted_out_at: HashMap<String, DateTime<Utc>> = HashMap::new();
-        for chunk in emails.chunks(DECIDE_CHUNK) {
-            let decisions = self.decide(chunk).await?;
+        let mut chunks = std::pin::pin!(self.decide_chunks(emails));
+        while let Some(decisions) = futures::TryStreamExt::try_next(&mut chunks).await? {
             let chunk_targets = plan::targets(&decisions, options.opt_out_only);
             for decision in &decisions {
                 let email = plan::normalize_email(&decision.email);

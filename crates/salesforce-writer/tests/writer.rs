@@ -660,6 +660,59 @@ async fn opt_outs_check_every_contact_and_lead_with_few_calls_and_an_audit_row_e
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_ends_a_sync_batch_and_its_partitions_are_written_in_one_pass() -> Result<()> {
+    // Sync batch windows far beyond the test's deadline: only the flushes can close the batches.
+    let mut app = TestApp::spawn_with(
+        false,
+        &[
+            "--sync-batch-idle-ms",
+            "600000",
+            "--sync-batch-max-ms",
+            "1200000",
+        ],
+    )
+    .await?;
+    let emails: Vec<String> = (0..40)
+        .map(|index| format!("flush{index}@example.com"))
+        .collect();
+    for email in &emails {
+        app.create(
+            "Contact",
+            json!({"LastName": "C", "Email": email, "HasOptedOutOfEmail": false}),
+        )
+        .await?;
+        app.fake.set(email, Decision::OptOut, 0);
+    }
+    let refs: Vec<&str> = emails.iter().map(String::as_str).collect();
+    let before = app.salesforce_calls().await?;
+    // A sync's notifications (not urgent), then the evaluator's flush on every partition.
+    app.publish(&refs).await?;
+    for partition in 0..app.topology.persons_partitions() {
+        app.publisher
+            .publish_typed(
+                &app.topology.persons_dirty_routing_key(partition),
+                "optout.queue.v1.PersonsDirty",
+                &PersonsDirty {
+                    emails: Vec::new(),
+                    reason: "sync run done".to_owned(),
+                },
+                optout_amqp::flush_headers(),
+            )
+            .await?;
+    }
+    wait_for_value(&app, &refs, true).await?;
+    app.wait_idle().await?;
+    let after = app.salesforce_calls().await?;
+    let reads = after.get("GET /query").copied().unwrap_or(0)
+        - before.get("GET /query").copied().unwrap_or(0);
+    // One pass over every partition: one read per object (Contact and Lead).
+    assert!(reads <= 2, "{reads} reads for one flushed sync: {after:?}");
+    let status = app.status().await?;
+    assert_eq!(status.counters.get("written_contact"), Some(&40));
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opt_ins_uncheck_only_with_evidence_and_are_acknowledged() -> Result<()> {
     let mut app = TestApp::spawn(false).await?;
     let (quiet, without, with) = (
