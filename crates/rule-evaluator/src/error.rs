@@ -38,6 +38,12 @@ pub enum Error {
     /// A task panicked or was aborted.
     #[error("background task failed")]
     Task(#[from] tokio::task::JoinError),
+    /// Other writers kept creating persons of a batch while it was applied.
+    #[error("persons of the batch were created concurrently {attempts} times in a row")]
+    Contended {
+        /// Attempts made.
+        attempts: u32,
+    },
 }
 
 impl Error {
@@ -58,7 +64,7 @@ impl Error {
                 | sqlx::Error::Protocol(_) => true,
                 _ => false,
             },
-            Self::Amqp(_) => true,
+            Self::Amqp(_) | Self::Contended { .. } => true,
             _ => false,
         }
     }

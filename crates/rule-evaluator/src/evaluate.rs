@@ -2,7 +2,7 @@
 //! fetcher's first-sync markers, which say when the opt-outs held from a first sync may go.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicI64, Ordering},
@@ -17,7 +17,7 @@ use optout_amqp::{
 };
 use optout_proto::queue::v1::{
     FirstSyncMarker, MemberStatus as ProtoStatus, MembersChanged, PersonsDirty, Source,
-    first_sync_marker,
+    SyncRunDone, first_sync_marker,
 };
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -31,7 +31,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 use crate::{
     Result,
     rule::{Decision, MemberStatus, Scope},
-    store::{self, FirstSyncPage, Marker, MarkerKind, PersonState, Snapshot},
+    store::{self, FirstSyncPage, Marker, MarkerKind, PersonState, RunPage, Snapshot},
 };
 
 /// The proto full name of `PersonsDirty`, for the AMQP `type` property.
@@ -51,6 +51,10 @@ pub(crate) struct Counters {
     dirty_published: AtomicI64,
     messages_dead_lettered: AtomicI64,
     first_sync_markers: AtomicI64,
+    /// `SyncRunDone`s recorded, redeliveries included.
+    sync_run_ends: AtomicI64,
+    /// Runs whose flush went to every `persons.dirty` partition.
+    sync_runs_flushed: AtomicI64,
     /// First-sync audiences announced or started and not yet completely read, as of the last
     /// release check (a gauge).
     pub(crate) first_sync_audiences_pending: AtomicI64,
@@ -75,6 +79,8 @@ impl Counters {
             ("dirty_published", &self.dirty_published),
             ("messages_dead_lettered", &self.messages_dead_lettered),
             ("first_sync_markers", &self.first_sync_markers),
+            ("sync_run_ends", &self.sync_run_ends),
+            ("sync_runs_flushed", &self.sync_runs_flushed),
             (
                 "first_sync_audiences_pending",
                 &self.first_sync_audiences_pending,
@@ -87,7 +93,7 @@ impl Counters {
 }
 
 /// A delivery on `members.changed`, told apart by its AMQP `type`: a page or event, or one of the
-/// fetcher's first-sync markers. A delivery without a `type` (or another one) is read as
+/// fetcher's first-sync markers, or the end of a run. A delivery without a `type` (or another one) is read as
 /// `MembersChanged`, as before markers existed.
 #[derive(Clone, Debug)]
 pub(crate) enum Inbound {
@@ -95,6 +101,8 @@ pub(crate) enum Inbound {
     Members(MembersChanged),
     /// How far a first sync has got.
     Marker(FirstSyncMarker),
+    /// A sync run published all its pages.
+    RunDone(SyncRunDone),
 }
 
 impl optout_amqp::Body for Inbound {
@@ -102,6 +110,11 @@ impl optout_amqp::Body for Inbound {
         if message_type == FirstSyncMarker::full_name() {
             return FirstSyncMarker::decode(data)
                 .map(Self::Marker)
+                .map_err(|error| format!("undecodable protobuf: {error}"));
+        }
+        if message_type == SyncRunDone::full_name() {
+            return SyncRunDone::decode(data)
+                .map(Self::RunDone)
                 .map_err(|error| format!("undecodable protobuf: {error}"));
         }
         MembersChanged::decode(data)
@@ -129,13 +142,19 @@ impl Evaluator {
         let mut outcomes = vec![Outcome::Ack; batch.len()];
         let mut valid = Vec::with_capacity(batch.len());
         let mut markers = Vec::new();
+        let mut run_pages = Vec::new();
+        let mut run_ends = Vec::new();
         for (index, message) in batch.iter().enumerate() {
             let checked = match &message.body {
                 Inbound::Members(members) => snapshots_of(members).map(|snapshots| {
                     valid.push((index, snapshots, first_sync_page(members)));
+                    run_pages.extend(run_page(members).map(|page| (index, page)));
                 }),
                 Inbound::Marker(marker) => marker_of(marker).map(|marker| {
                     markers.push((index, marker));
+                }),
+                Inbound::RunDone(done) => run_end_of(done).map(|end| {
+                    run_ends.push((index, end));
                 }),
             };
             if let Err(reason) = checked {
@@ -178,7 +197,95 @@ impl Evaluator {
         if first_sync_progress {
             self.first_sync_progress.notify_one();
         }
+        if !run_pages.is_empty() || !run_ends.is_empty() {
+            self.count_runs(&run_pages, &run_ends, &mut outcomes).await;
+        }
         outcomes
+    }
+
+    /// Counts the pages applied (their `persons.dirty` already published) and the run ends of a
+    /// batch, then flushes the runs they complete. A page that failed to count only costs its
+    /// run the flush (the writer's batch window closes the batch instead), so it is not retried;
+    /// a run end that failed to record is.
+    async fn count_runs(
+        &self,
+        run_pages: &[(usize, RunPage)],
+        run_ends: &[(usize, (String, i32))],
+        outcomes: &mut [Outcome],
+    ) {
+        let applied: Vec<RunPage> = run_pages
+            .iter()
+            .filter(|(index, _)| outcomes[*index] == Outcome::Ack)
+            .map(|(_, page)| page.clone())
+            .collect();
+        if let Err(error) = store::record_run_pages(&self.pool, &applied).await {
+            warn!(error = %error_chain(&error), "failed to count the pages of sync runs");
+        }
+        let ends: Vec<(String, i32)> = run_ends.iter().map(|(_, end)| end.clone()).collect();
+        match store::record_run_ends(&self.pool, &ends).await {
+            Ok(()) => {
+                self.counters
+                    .sync_run_ends
+                    .fetch_add(ends.len() as i64, Ordering::Relaxed);
+            }
+            Err(error) => {
+                let reason = error_chain(&error);
+                warn!(
+                    error = reason,
+                    "failed to record the ends of sync runs, requeueing them"
+                );
+                for (index, _) in run_ends {
+                    outcomes[*index] = Outcome::Retry(reason.clone());
+                }
+            }
+        }
+        let runs: BTreeSet<String> = applied
+            .into_iter()
+            .map(|page| page.run_id)
+            .chain(ends.into_iter().map(|(run_id, _)| run_id))
+            .collect();
+        let runs: Vec<String> = runs.into_iter().collect();
+        if let Err(error) = self.flush_runs(&runs).await {
+            // Left unflushed: the writer's batch window closes the batch instead.
+            warn!(error = %error_chain(&error), "failed to flush completed sync runs");
+        }
+    }
+
+    /// Sends every `persons.dirty` partition a flush for those of `run_ids` now complete (their
+    /// end recorded and every page counted), once per run.
+    async fn flush_runs(&self, run_ids: &[String]) -> Result<()> {
+        let mut transaction = self.pool.begin().await?;
+        let complete = store::take_complete_runs(&mut transaction, run_ids).await?;
+        if complete.is_empty() {
+            return Ok(());
+        }
+        self.publish_flush("sync run done").await?;
+        transaction.commit().await?;
+        self.counters
+            .sync_runs_flushed
+            .fetch_add(complete.len() as i64, Ordering::Relaxed);
+        debug!(runs = ?complete, "flushed completed sync runs");
+        Ok(())
+    }
+
+    /// An empty `persons.dirty` with the flush header on every partition, after the messages it
+    /// closes: each partition's writer batch closes on it rather than when its window runs out.
+    async fn publish_flush(&self, reason: &str) -> Result<()> {
+        for partition in 0..self.topology.persons_partitions() {
+            let message = PersonsDirty {
+                emails: Vec::new(),
+                reason: reason.to_owned(),
+            };
+            self.publisher
+                .publish_typed(
+                    &self.topology.persons_dirty_routing_key(partition),
+                    PERSONS_DIRTY_TYPE,
+                    &message,
+                    optout_amqp::flush_headers(),
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// Applies the valid `MembersChanged` of a batch in one transaction, or one by one when that fails
@@ -237,29 +344,21 @@ impl Evaluator {
     /// audience may not have arrived yet, and checking the box now would invent an opt-out that no
     /// later sync could take back (a first sync is a baseline, never opt-in evidence).
     /// [`Evaluator::release_held`] publishes them once every first-syncing audience has been read.
-    /// The first-sync `pages` are counted in the transaction that holds their opt-outs.
+    /// They are held, and the first-sync `pages` counted, in the transaction that commits the
+    /// state.
     async fn apply(&self, snapshots: &[Snapshot], pages: &[FirstSyncPage]) -> Result<()> {
-        let states = store::apply_batch(&self.pool, &self.scope, snapshots).await?;
-        let first_sync: HashSet<&str> = snapshots
-            .iter()
-            .filter(|snapshot| snapshot.first_sync && snapshot.learned_from == "poll")
-            .map(|snapshot| snapshot.email.as_str())
-            .collect();
-        let held: Vec<String> = states
-            .iter()
-            .filter(|state| {
-                state.decision == Decision::OptOut && first_sync.contains(state.email.as_str())
-            })
-            .map(|state| state.email.clone())
-            .collect();
-        if !first_sync.is_empty() || !pages.is_empty() {
-            // After the commit above, like the publish below: a crash in between redelivers the
-            // batch, which finds the same state and holds (or publishes) again, and only then
-            // counts its pages.
-            let traceparent = current_traceparent();
-            store::hold_first_sync_opt_outs(&self.pool, &held, pages, traceparent.as_deref())
-                .await?;
-        }
+        let traceparent = current_traceparent();
+        let hold = store::FirstSyncHold {
+            first_sync: snapshots
+                .iter()
+                .filter(|snapshot| snapshot.first_sync && snapshot.learned_from == "poll")
+                .map(|snapshot| snapshot.email.as_str())
+                .collect(),
+            pages,
+            traceparent: traceparent.as_deref(),
+        };
+        let store::AppliedBatch { states, held } =
+            store::apply_batch(&self.pool, &self.scope, snapshots, &hold).await?;
         let held: HashSet<String> = held.into_iter().collect();
         for state in &states {
             let (counter, decision) = match state.decision {
@@ -305,12 +404,32 @@ impl Evaluator {
         self.counters
             .first_sync_audiences_pending
             .store(pending, Ordering::Relaxed);
+        let mut released = 0;
+        let mut published = 0;
+        loop {
+            let (taken, sent) = self.release_chunk(max_hold).await?;
+            released += taken;
+            published += sent;
+            if taken < RELEASE_CHUNK {
+                break;
+            }
+        }
+        if published > 0 {
+            // The release is one burst, now complete: the writer may write it as soon as it is in.
+            self.publish_flush("first-sync opt-outs released").await?;
+        }
+        Ok(released)
+    }
+
+    /// Takes up to `RELEASE_CHUNK` releasable opt-outs, publishes those still opted out and
+    /// deletes them in one transaction; returns how many were taken and how many published.
+    async fn release_chunk(&self, max_hold: Duration) -> Result<(usize, usize)> {
         let mut transaction = self.pool.begin().await?;
         // All at once, as far as memory allows: the writer then reads and writes them in full
         // chunks and few Bulk API jobs rather than a pass per slice.
         let released = store::take_releasable(&mut transaction, max_hold, RELEASE_CHUNK).await?;
         if released.is_empty() {
-            return Ok(0);
+            return Ok((0, 0));
         }
         // Each group continues the trace of the sync that held it, so an opt-out's trace still
         // runs from the Mailchimp read to the Salesforce write.
@@ -348,7 +467,7 @@ impl Evaluator {
             released = released.len(),
             published, "released held first-sync opt-outs"
         );
-        Ok(released.len())
+        Ok((released.len(), published))
     }
 
     /// `persons.dirty` for `emails`, each to its partition, in chunks; `urgent` sets the header
@@ -420,6 +539,27 @@ fn first_sync_page(message: &MembersChanged) -> Option<FirstSyncPage> {
         run_id: message.run_id.clone(),
         page: i32::try_from(message.page).unwrap_or(i32::MAX),
     })
+}
+
+/// The run page a poll message counts as, if it carries its run and number.
+fn run_page(message: &MembersChanged) -> Option<RunPage> {
+    let counted =
+        message.source == Source::Poll as i32 && message.page > 0 && !message.run_id.is_empty();
+    counted.then(|| RunPage {
+        run_id: message.run_id.clone(),
+        audience_id: message.audience_id.trim().to_owned(),
+        page: i32::try_from(message.page).unwrap_or(i32::MAX),
+    })
+}
+
+/// Validates the end of a run (run id, pages); the error is the dead-letter reason.
+fn run_end_of(done: &SyncRunDone) -> Result<(String, i32), String> {
+    if done.run_id.is_empty() {
+        return Err("SyncRunDone without run_id".to_owned());
+    }
+    let pages =
+        i32::try_from(done.pages).map_err(|_| format!("SyncRunDone with {} pages", done.pages))?;
+    Ok((done.run_id.clone(), pages))
 }
 
 /// Validates a first-sync marker; the error is the dead-letter reason.

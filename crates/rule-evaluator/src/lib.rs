@@ -279,9 +279,16 @@ async fn consume_until_shutdown(
     Ok(())
 }
 
+/// How often the sync runs' bookkeeping is swept.
+const FORGET_RUNS_EVERY: Duration = Duration::from_secs(600);
+/// Age at which a run end or page is forgotten: far beyond any run, so only runs whose end never
+/// came (or ends already flushed) go.
+const FORGET_RUNS_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// Publishes held first-sync opt-outs as they become releasable (see `Evaluator::release_held`):
 /// at once when this replica applied a first-sync page or marker, and twice a second for what other
-/// replicas applied and for the max hold; paused with the consumer.
+/// replicas applied and for the max hold; paused with the consumer. Also sweeps the bookkeeping of
+/// old sync runs.
 async fn release_held_loop(
     evaluator: Arc<Evaluator>,
     paused: tokio::sync::watch::Receiver<bool>,
@@ -290,11 +297,18 @@ async fn release_held_loop(
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let progress = evaluator.first_sync_progress.clone();
+    let mut forgot_runs_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
             () = progress.notified() => {}
+        }
+        if forgot_runs_at.is_none_or(|at| at.elapsed() >= FORGET_RUNS_EVERY) {
+            forgot_runs_at = Some(tokio::time::Instant::now());
+            if let Err(error) = store::forget_old_runs(&evaluator.pool, FORGET_RUNS_AFTER).await {
+                warn!(%error, "failed to forget old sync runs");
+            }
         }
         while !*paused.borrow() && !shutdown.is_cancelled() {
             match evaluator.release_held(max_hold).await {

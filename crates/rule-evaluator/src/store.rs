@@ -4,7 +4,7 @@
 //! emails in sorted order, so two replicas handling the same email serialize (and cannot deadlock), and the
 //! decision is always computed from the complete, current member set.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use secrecy::{ExposeSecret, SecretString};
@@ -48,7 +48,11 @@ pub async fn connect(
     transaction.commit().await?;
     connection.close().await?;
 
-    let search_path = format!(r#"SET search_path TO "{schema}""#);
+    // A batch looks up thousands of emails by key. At the default random_page_cost (4, a disk's
+    // seek) the planner prefers a (parallel) scan of the whole persons or members table for that,
+    // so every batch costs more as the org grows; these tables are hot in memory, where an index
+    // probe costs about as much as a sequential read.
+    let search_path = format!(r#"SET search_path TO "{schema}"; SET random_page_cost = 1.1"#);
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .after_connect(move |connection, _metadata| {
@@ -181,6 +185,9 @@ struct PersonRow {
     evidence: Option<i64>,
 }
 
+/// Attempts of [`apply_batch`] before it gives up on persons being created under it.
+const APPLY_ATTEMPTS: u32 = 5;
+
 /// Applies `snapshots` (in order) in one transaction and returns the resulting state of every email they touch.
 ///
 /// Stale snapshots (older `last_changed` than stored) are ignored and an identical one is a no-op, so
@@ -189,7 +196,8 @@ pub async fn apply_batch(
     pool: &PgPool,
     scope: &Scope,
     snapshots: &[Snapshot],
-) -> Result<Vec<PersonState>> {
+    hold: &FirstSyncHold<'_>,
+) -> Result<AppliedBatch> {
     let emails: Vec<String> = snapshots
         .iter()
         .map(|snapshot| snapshot.email.clone())
@@ -197,25 +205,45 @@ pub async fn apply_batch(
         .into_iter()
         .collect();
     if emails.is_empty() {
-        return Ok(Vec::new());
+        return Ok(AppliedBatch::default());
     }
-    let mut transaction = pool.begin().await?;
+    for attempt in 1..=APPLY_ATTEMPTS {
+        if let Some(applied) = try_apply_batch(pool, scope, snapshots, &emails, hold).await? {
+            return Ok(applied);
+        }
+        tracing::debug!(
+            attempt,
+            "persons of the batch were created concurrently; again"
+        );
+    }
+    Err(crate::Error::Contended {
+        attempts: APPLY_ATTEMPTS,
+    })
+}
 
-    // Lock every person of the batch in email order; rows that do not exist yet are created first.
-    sqlx::query(
-        "INSERT INTO persons (email, decision, rule, version) \
-         SELECT email, 'no_change', $2, 0 FROM unnest($1::text[]) AS email ORDER BY email \
-         ON CONFLICT (email) DO NOTHING",
-    )
-    .bind(&emails)
-    .bind(crate::rule::RULE_NO_MEMBERS)
-    .execute(&mut *transaction)
-    .await?;
+/// One attempt of [`apply_batch`] over its distinct, sorted `emails`; `None` (rolled back) when
+/// another writer created one of the persons this attempt was about to create.
+///
+/// Every person is read and locked first, in email order. One that does not exist yet is created
+/// at the end with its decision, in email order, rather than as a placeholder that is locked and
+/// updated: a first sync creates most of its persons, and that halves their writes. Such a person
+/// has no members yet (members are only ever written under their person's row, and persons are
+/// never deleted), so its decision depends on this batch alone, unless another writer creates it
+/// meanwhile: then the insert finds that row (after waiting for its transaction) and the attempt
+/// starts over, now locking the row and reading its members.
+async fn try_apply_batch(
+    pool: &PgPool,
+    scope: &Scope,
+    snapshots: &[Snapshot],
+    emails: &[String],
+    hold: &FirstSyncHold<'_>,
+) -> Result<Option<AppliedBatch>> {
+    let mut transaction = pool.begin().await?;
     let person_rows = sqlx::query(
         "SELECT email, decision, rule, version, opt_in_evidence_id FROM persons \
          WHERE email = ANY($1) ORDER BY email FOR UPDATE",
     )
-    .bind(&emails)
+    .bind(emails)
     .fetch_all(&mut *transaction)
     .await?;
     let mut persons: BTreeMap<String, PersonRow> = BTreeMap::new();
@@ -231,33 +259,37 @@ pub async fn apply_batch(
         );
     }
 
-    // Every member of these emails, in every audience: the decision needs all of them. The person locks above
-    // already serialize writers of these rows.
-    let member_rows = sqlx::query(
-        "SELECT email, audience_id, status, last_changed, learned_from FROM members WHERE email = ANY($1)",
-    )
-    .bind(&emails)
-    .fetch_all(&mut *transaction)
-    .await?;
+    // Every member of these persons, in every audience: the decision needs all of them. The
+    // person locks above already serialize writers of these rows.
     let mut members: BTreeMap<(String, String), MemberRow> = BTreeMap::new();
-    for row in member_rows {
-        let status_text: String = row.try_get("status")?;
-        let Ok(status) = status_text.parse::<MemberStatus>() else {
-            tracing::warn!(
-                status = status_text,
-                "ignoring member row with unknown status"
+    if !persons.is_empty() {
+        let existing: Vec<&str> = persons.keys().map(String::as_str).collect();
+        let member_rows = sqlx::query(
+            "SELECT email, audience_id, status, last_changed, learned_from FROM members \
+             WHERE email = ANY($1)",
+        )
+        .bind(&existing)
+        .fetch_all(&mut *transaction)
+        .await?;
+        for row in member_rows {
+            let status_text: String = row.try_get("status")?;
+            let Ok(status) = status_text.parse::<MemberStatus>() else {
+                tracing::warn!(
+                    status = status_text,
+                    "ignoring member row with unknown status"
+                );
+                continue;
+            };
+            members.insert(
+                (row.try_get("email")?, row.try_get("audience_id")?),
+                MemberRow {
+                    status,
+                    last_changed: row.try_get("last_changed")?,
+                    learned_from: row.try_get("learned_from")?,
+                    changed: false,
+                },
             );
-            continue;
-        };
-        members.insert(
-            (row.try_get("email")?, row.try_get("audience_id")?),
-            MemberRow {
-                status,
-                last_changed: row.try_get("last_changed")?,
-                learned_from: row.try_get("learned_from")?,
-                changed: false,
-            },
-        );
+        }
     }
 
     // Apply the snapshots in memory, collecting transitions and fresh opt-in evidence.
@@ -301,9 +333,6 @@ pub async fn apply_batch(
         );
     }
 
-    write_members(&mut transaction, &members).await?;
-    transitions.write(&mut transaction).await?;
-
     // Recompute each person's decision from all its members.
     let mut views: HashMap<&str, Vec<MemberView>> = HashMap::new();
     for ((email, audience_id), member) in &members {
@@ -315,10 +344,19 @@ pub async fn apply_batch(
     let evidence_ids = next_evidence_ids(&mut transaction, fresh_evidence.len()).await?;
     let mut evidence_ids = evidence_ids.into_iter();
     let mut updates = PersonUpdates::default();
+    let mut created = PersonUpdates::default();
     let mut states = Vec::with_capacity(emails.len());
-    for email in &emails {
-        let Some(stored) = persons.get(email) else {
-            continue;
+    // What a person that does not exist yet starts from.
+    let unknown = PersonRow {
+        decision: Decision::NoChange,
+        rule: crate::rule::RULE_NO_MEMBERS.to_owned(),
+        version: 0,
+        evidence: None,
+    };
+    for email in emails {
+        let (stored, rows) = match persons.get(email) {
+            Some(stored) => (stored, &mut updates),
+            None => (&unknown, &mut created),
         };
         let (decision, rule) = decide(
             views.get(email.as_str()).map(Vec::as_slice).unwrap_or(&[]),
@@ -338,8 +376,8 @@ pub async fn apply_batch(
         } else {
             stored.version
         };
-        if moved || rule != stored.rule {
-            updates.push(email, decision, rule, version, evidence);
+        if moved || rule != stored.rule || !persons.contains_key(email) {
+            rows.push(email, decision, rule, version, evidence);
         }
         states.push(PersonState {
             email: email.clone(),
@@ -347,9 +385,45 @@ pub async fn apply_batch(
             has_evidence: evidence.is_some(),
         });
     }
+    if !created.insert(&mut transaction).await? {
+        transaction.rollback().await?;
+        return Ok(None);
+    }
+    write_members(&mut transaction, &members).await?;
+    transitions.write(&mut transaction).await?;
     updates.write(&mut transaction).await?;
+    let held: Vec<String> = states
+        .iter()
+        .filter(|state| {
+            state.decision == Decision::OptOut && hold.first_sync.contains(state.email.as_str())
+        })
+        .map(|state| state.email.clone())
+        .collect();
+    if !hold.first_sync.is_empty() || !hold.pages.is_empty() {
+        hold_first_sync_opt_outs(&mut transaction, &held, hold.pages, hold.traceparent).await?;
+    }
     transaction.commit().await?;
-    Ok(states)
+    Ok(Some(AppliedBatch { states, held }))
+}
+
+/// What a batch holds back from a first sync (see `Evaluator::apply`).
+#[derive(Debug, Default)]
+pub struct FirstSyncHold<'a> {
+    /// The emails of the batch's first-sync poll snapshots: their opt-outs are held.
+    pub first_sync: HashSet<&'a str>,
+    /// The first-sync pages of the batch, counted.
+    pub pages: &'a [FirstSyncPage],
+    /// The trace a release of the held opt-outs continues.
+    pub traceparent: Option<&'a str>,
+}
+
+/// A batch applied: the state of every email it touched, and the opt-outs it held.
+#[derive(Debug, Default)]
+pub struct AppliedBatch {
+    /// Every email's resulting state.
+    pub states: Vec<PersonState>,
+    /// The first-sync opt-outs held rather than published.
+    pub held: Vec<String>,
 }
 
 async fn write_members(
@@ -426,9 +500,14 @@ impl Transitions {
         if self.emails.is_empty() {
             return Ok(());
         }
+        // In email order (keeping each email's own order, so its ids still follow it): the rows
+        // then go into the email index page by page instead of all over it.
         sqlx::query(
             "INSERT INTO transitions (email, audience_id, from_status, to_status, last_changed, learned_from) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])",
+             SELECT email, audience_id, from_status, to_status, last_changed, learned_from \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[]) \
+               WITH ORDINALITY AS u(email, audience_id, from_status, to_status, last_changed, learned_from, position) \
+             ORDER BY email, position",
         )
         .bind(&self.emails)
         .bind(&self.audiences)
@@ -466,6 +545,28 @@ impl PersonUpdates {
         self.rules.push(rule);
         self.versions.push(version);
         self.evidence.push(evidence);
+    }
+
+    /// Creates these persons (emails sorted); false, having created only some, when another
+    /// writer created one of them first.
+    async fn insert(&self, connection: &mut PgConnection) -> Result<bool> {
+        if self.emails.is_empty() {
+            return Ok(true);
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO persons (email, decision, rule, version, opt_in_evidence_id) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[]) \
+               AS u(email, decision, rule, version, evidence) ORDER BY email \
+             ON CONFLICT (email) DO NOTHING",
+        )
+        .bind(&self.emails)
+        .bind(&self.decisions)
+        .bind(&self.rules)
+        .bind(&self.versions)
+        .bind(&self.evidence)
+        .execute(connection)
+        .await?;
+        Ok(inserted.rows_affected() == self.emails.len() as u64)
     }
 
     async fn write(&self, connection: &mut PgConnection) -> Result<()> {
@@ -523,17 +624,17 @@ pub enum MarkerKind {
     Done(String, i32),
 }
 
-/// Holds the opt-outs a batch of first-sync pages decided and counts its `pages`, in one
-/// transaction, so that a counted page's opt-outs are always held already. A page of an audience
-/// no marker announced yet makes the audience pending (markers may be applied after pages by another
-/// replica). An email already held keeps its first time; a page counted before is a no-op.
-pub async fn hold_first_sync_opt_outs(
-    pool: &PgPool,
+/// Holds the opt-outs a batch of first-sync pages decided and counts its `pages`, in the
+/// transaction that commits the batch's state, so that a page is counted exactly when its state is
+/// committed and its opt-outs are held. A page of an audience no marker announced yet makes the
+/// audience pending (markers may be applied after pages by another replica). An email already
+/// held keeps its first time; a page counted before is a no-op.
+async fn hold_first_sync_opt_outs(
+    transaction: &mut PgConnection,
     emails: &[String],
     pages: &[FirstSyncPage],
     traceparent: Option<&str>,
 ) -> Result<()> {
-    let mut transaction = pool.begin().await?;
     if !emails.is_empty() {
         // Sorted, so replicas holding overlapping emails take the rows in one order.
         let sorted: BTreeSet<&str> = emails.iter().map(String::as_str).collect();
@@ -577,7 +678,6 @@ pub async fn hold_first_sync_opt_outs(
         .execute(&mut *transaction)
         .await?;
     }
-    transaction.commit().await?;
     Ok(())
 }
 
@@ -833,4 +933,107 @@ pub async fn explain(
     .collect::<Result<Vec<_>>>()?;
     transitions.reverse();
     Ok((decision, members, transitions))
+}
+
+/// A poll page of a sync run, applied and its `persons.dirty` published.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RunPage {
+    /// The fetcher's run.
+    pub run_id: String,
+    /// Mailchimp audience id (pages are numbered per audience).
+    pub audience_id: String,
+    /// The page's number within the audience's run, from 1.
+    pub page: i32,
+}
+
+/// Counts applied pages towards their runs' ends; a page counted before is ignored.
+pub async fn record_run_pages(pool: &PgPool, pages: &[RunPage]) -> Result<()> {
+    if pages.is_empty() {
+        return Ok(());
+    }
+    // Sorted, so consumers counting overlapping pages (a redelivery) take the keys in one order.
+    let pages: BTreeSet<&RunPage> = pages.iter().collect();
+    let runs: Vec<&str> = pages.iter().map(|page| page.run_id.as_str()).collect();
+    let audiences: Vec<&str> = pages.iter().map(|page| page.audience_id.as_str()).collect();
+    let numbers: Vec<i32> = pages.iter().map(|page| page.page).collect();
+    sqlx::query(
+        "INSERT INTO sync_run_pages (run_id, audience_id, page) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::int4[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&runs)
+    .bind(&audiences)
+    .bind(&numbers)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records the ends of runs (run id, pages published); a redelivered end is ignored.
+pub async fn record_run_ends(pool: &PgPool, ends: &[(String, i32)]) -> Result<()> {
+    if ends.is_empty() {
+        return Ok(());
+    }
+    let ends: BTreeMap<&str, i32> = ends
+        .iter()
+        .map(|(run_id, pages)| (run_id.as_str(), *pages))
+        .collect();
+    let runs: Vec<&str> = ends.keys().copied().collect();
+    let pages: Vec<i32> = ends.values().copied().collect();
+    sqlx::query(
+        "INSERT INTO sync_runs (run_id, pages) SELECT * FROM unnest($1::text[], $2::int4[]) \
+         ON CONFLICT (run_id) DO NOTHING",
+    )
+    .bind(&runs)
+    .bind(&pages)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Marks flushed those of `run_ids` whose end is known and whose every page is counted, and
+/// forgets their pages; returns them. The caller publishes the flush before it commits, so a run
+/// is flushed once: another consumer completing the same run waits on the row, then finds it
+/// flushed.
+pub async fn take_complete_runs(
+    transaction: &mut sqlx::PgConnection,
+    run_ids: &[String],
+) -> Result<Vec<String>> {
+    if run_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let complete: Vec<String> = sqlx::query_scalar(
+        "UPDATE sync_runs AS run SET flushed = true \
+         WHERE run_id = ANY($1) AND NOT flushed \
+         AND pages <= (SELECT count(*) FROM sync_run_pages AS page WHERE page.run_id = run.run_id) \
+         RETURNING run_id",
+    )
+    .bind(run_ids)
+    .fetch_all(&mut *transaction)
+    .await?;
+    if !complete.is_empty() {
+        sqlx::query("DELETE FROM sync_run_pages WHERE run_id = ANY($1)")
+            .bind(&complete)
+            .execute(&mut *transaction)
+            .await?;
+    }
+    Ok(complete)
+}
+
+/// Forgets runs and pages older than `age`: runs whose end never came (a fetcher that crashed)
+/// and ends already flushed. Returns the rows deleted.
+pub async fn forget_old_runs(pool: &PgPool, age: std::time::Duration) -> Result<u64> {
+    let seconds = age.as_secs_f64();
+    let runs =
+        sqlx::query("DELETE FROM sync_runs WHERE ended_at < now() - make_interval(secs => $1)")
+            .bind(seconds)
+            .execute(pool)
+            .await?;
+    let pages = sqlx::query(
+        "DELETE FROM sync_run_pages WHERE applied_at < now() - make_interval(secs => $1)",
+    )
+    .bind(seconds)
+    .execute(pool)
+    .await?;
+    Ok(runs.rows_affected() + pages.rows_affected())
 }

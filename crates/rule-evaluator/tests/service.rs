@@ -24,7 +24,7 @@ use optout_proto::{
     },
     queue::v1::{
         FirstSyncMarker, MemberSnapshot, MemberStatus, MembersChanged, PersonsDirty, Source,
-        first_sync_marker,
+        SyncRunDone, first_sync_marker,
     },
 };
 use optout_rule_evaluator::Config;
@@ -57,7 +57,11 @@ struct World {
     publisher: Publisher,
     dirty: BTreeSet<String>,
     dirty_messages: usize,
-    dirty_receiver: mpsc::UnboundedReceiver<(String, PersonsDirty)>,
+    /// Per queue, the emails received on it so far.
+    dirty_by_queue: HashMap<String, BTreeSet<String>>,
+    /// Each flush received: its queue and the emails that queue had delivered before it.
+    flushes: Vec<(String, BTreeSet<String>)>,
+    dirty_receiver: mpsc::UnboundedReceiver<(String, PersonsDirty, bool)>,
     consumers: CancellationToken,
     connection_for_consumers: Arc<Connection>,
 }
@@ -108,7 +112,8 @@ impl World {
                     move |batch: Vec<Message<PersonsDirty>>| {
                         let outcomes = vec![Outcome::Ack; batch.len()];
                         for message in batch {
-                            let _ = sender.send((name.clone(), message.body));
+                            let flush = optout_amqp::is_flush(&message.headers);
+                            let _ = sender.send((name.clone(), message.body, flush));
                         }
                         async move { outcomes }
                     },
@@ -124,6 +129,8 @@ impl World {
             publisher,
             dirty: BTreeSet::new(),
             dirty_messages: 0,
+            dirty_by_queue: HashMap::new(),
+            flushes: Vec::new(),
             dirty_receiver,
             consumers,
             connection_for_consumers,
@@ -194,9 +201,16 @@ impl World {
         Ok(())
     }
 
-    /// Takes every `PersonsDirty` received so far into `dirty`.
+    /// Takes every `PersonsDirty` received so far into `dirty`, and every flush into `flushes`.
     fn drain_dirty(&mut self) -> anyhow::Result<()> {
-        while let Ok((queue, dirty)) = self.dirty_receiver.try_recv() {
+        while let Ok((queue, dirty, flush)) = self.dirty_receiver.try_recv() {
+            let seen = self.dirty_by_queue.entry(queue.clone()).or_default();
+            if flush {
+                assert!(dirty.emails.is_empty(), "a flush names no email: {dirty:?}");
+                self.flushes.push((queue, seen.clone()));
+                continue;
+            }
+            seen.extend(dirty.emails.iter().cloned());
             for email in &dirty.emails {
                 let partition = self.topology.partition_for(email);
                 assert_eq!(
@@ -209,6 +223,37 @@ impl World {
             self.dirty_messages += 1;
         }
         Ok(())
+    }
+
+    /// Waits until `count` flushes came in.
+    async fn wait_flushes(&mut self, count: usize) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while self.flushes.len() < count {
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "timed out waiting for {count} flushes, got {:?}",
+                    self.flushes
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.drain_dirty()?;
+        }
+        Ok(())
+    }
+
+    /// Asserts that every flush came after each of `emails` on its queue.
+    fn assert_flushed_after(&self, emails: &[&str]) {
+        for (queue, seen_before) in &self.flushes {
+            for email in emails {
+                let partition = self.topology.partition_for(email);
+                if &self.topology.persons_dirty_queue(partition) == queue {
+                    assert!(
+                        seen_before.contains(*email),
+                        "{queue}: the flush overtook {email}"
+                    );
+                }
+            }
+        }
     }
 
     async fn wait_dirty(&mut self, email: &str) -> anyhow::Result<()> {
@@ -567,6 +612,11 @@ async fn first_sync_opt_outs_wait_until_every_audience_is_read() -> anyhow::Resu
             && counters["first_sync_audiences_pending"] == 0)
     })
     .await?;
+    // The release is one burst, closed by a flush on every partition.
+    world
+        .wait_flushes(world.topology.persons_dirty_queues().len())
+        .await?;
+    world.assert_flushed_after(&["both@example.com", "late@example.com"]);
     world.drain_dirty()?;
     assert!(
         !world.dirty.contains("split@example.com"),
@@ -675,6 +725,107 @@ async fn first_sync_paged_again_after_a_crash_completes_on_the_new_runs_markers(
     })
     .await?;
     assert_eq!(evaluator.counters().await?["messages_dead_lettered"], 0);
+    world.teardown(vec![evaluator]).await
+}
+
+/// Page `page` of `audience_id` in the later (not first) sync `run_id`.
+fn run_page(
+    audience_id: &str,
+    run_id: &str,
+    page: u32,
+    members: &[(&str, MemberStatus, i64)],
+) -> MembersChanged {
+    MembersChanged {
+        run_id: run_id.to_owned(),
+        page,
+        ..changed(audience_id, false, members)
+    }
+}
+
+#[tokio::test]
+async fn a_sync_run_is_flushed_to_every_partition_once_all_its_pages_are_applied()
+-> anyhow::Result<()> {
+    let mut world = World::new().await?;
+    let evaluator = world.start().await?;
+    let emails: Vec<String> = (0..24).map(|n| format!("p{n}@example.com")).collect();
+    let unsubscribed = |range: std::ops::Range<usize>| -> Vec<(&str, MemberStatus, i64)> {
+        emails[range]
+            .iter()
+            .map(|email| (email.as_str(), MemberStatus::Unsubscribed, T1))
+            .collect()
+    };
+    // A run of three pages over two audiences; its end comes before its last page is applied.
+    world
+        .publish(&run_page("aud1", "run-9", 1, &unsubscribed(0..8)))
+        .await?;
+    world
+        .publish(&run_page("aud2", "run-9", 1, &unsubscribed(8..16)))
+        .await?;
+    world
+        .publisher
+        .publish(
+            "members.changed",
+            &SyncRunDone {
+                run_id: "run-9".to_owned(),
+                pages: 3,
+            },
+        )
+        .await?;
+    evaluator.wait_processed(2).await?;
+    eventually("the run's end recorded", || async {
+        Ok(evaluator.counters().await?["sync_run_ends"] == 1)
+    })
+    .await?;
+    for email in &emails[..16] {
+        world.wait_dirty(email).await?;
+    }
+    assert_eq!(evaluator.counters().await?["sync_runs_flushed"], 0);
+    world.drain_dirty()?;
+    assert!(
+        world.flushes.is_empty(),
+        "flushed with a page missing: {:?}",
+        world.flushes
+    );
+
+    world
+        .publish(&run_page("aud1", "run-9", 2, &unsubscribed(16..24)))
+        .await?;
+    let partitions = world.topology.persons_dirty_queues().len();
+    world.wait_flushes(partitions).await?;
+    // Each partition's flush comes after every email of the run on that partition.
+    let all: Vec<&str> = emails.iter().map(String::as_str).collect();
+    world.assert_flushed_after(&all);
+    let mut flushed_queues: Vec<String> = world
+        .flushes
+        .iter()
+        .map(|(queue, _)| queue.clone())
+        .collect();
+    flushed_queues.sort();
+    assert_eq!(flushed_queues, world.topology.persons_dirty_queues());
+    assert_eq!(evaluator.counters().await?["sync_runs_flushed"], 1);
+
+    // A redelivered end or page does not flush the run again.
+    world
+        .publisher
+        .publish(
+            "members.changed",
+            &SyncRunDone {
+                run_id: "run-9".to_owned(),
+                pages: 3,
+            },
+        )
+        .await?;
+    world
+        .publish(&run_page("aud1", "run-9", 2, &unsubscribed(16..24)))
+        .await?;
+    evaluator.wait_processed(4).await?;
+    eventually("the redelivered end recorded", || async {
+        Ok(evaluator.counters().await?["sync_run_ends"] == 2)
+    })
+    .await?;
+    assert_eq!(evaluator.counters().await?["sync_runs_flushed"], 1);
+    world.drain_dirty()?;
+    assert_eq!(world.flushes.len(), partitions, "{:?}", world.flushes);
     world.teardown(vec![evaluator]).await
 }
 
