@@ -1,5 +1,6 @@
-//! Handling `members.changed` batches: apply to the store, then announce dirty persons; and the
-//! fetcher's first-sync markers, which say when the opt-outs held from a first sync may go.
+//! Handling `members.changed` batches: apply to the store, then announce dirty persons; the
+//! fetcher's first-sync markers, which say when the opt-outs held from a first sync may go; and
+//! the ends of its runs, after which the writer is told to write what the run changed.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -38,8 +39,9 @@ use crate::{
 const PERSONS_DIRTY_TYPE: &str = "optout.queue.v1.PersonsDirty";
 /// Emails per `PersonsDirty` message, keeping messages small.
 const DIRTY_CHUNK: usize = 500;
-/// Held first-sync opt-outs released per transaction (~100 bytes each in memory).
-const RELEASE_CHUNK: usize = 50_000;
+/// Held first-sync opt-outs released per transaction (~100 bytes each in memory). The writer
+/// still takes a whole release as one batch: the flush comes only after its last chunk.
+const RELEASE_CHUNK: usize = 10_000;
 
 /// Cumulative counters reported by `GetStatus`.
 #[derive(Debug, Default)]
@@ -92,9 +94,9 @@ impl Counters {
     }
 }
 
-/// A delivery on `members.changed`, told apart by its AMQP `type`: a page or event, or one of the
-/// fetcher's first-sync markers, or the end of a run. A delivery without a `type` (or another one) is read as
-/// `MembersChanged`, as before markers existed.
+/// A delivery on `members.changed`, told apart by its AMQP `type`: a page or event, one of the
+/// fetcher's first-sync markers, or the end of a run. A delivery without a `type` (or another
+/// one) is read as `MembersChanged`, as before markers existed.
 #[derive(Clone, Debug)]
 pub(crate) enum Inbound {
     /// A page of a sync, or one webhook or API event.
@@ -425,8 +427,6 @@ impl Evaluator {
     /// deletes them in one transaction; returns how many were taken and how many published.
     async fn release_chunk(&self, max_hold: Duration) -> Result<(usize, usize)> {
         let mut transaction = self.pool.begin().await?;
-        // All at once, as far as memory allows: the writer then reads and writes them in full
-        // chunks and few Bulk API jobs rather than a pass per slice.
         let released = store::take_releasable(&mut transaction, max_hold, RELEASE_CHUNK).await?;
         if released.is_empty() {
             return Ok((0, 0));

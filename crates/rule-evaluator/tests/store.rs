@@ -111,10 +111,7 @@ async fn race(pool: &sqlx::PgPool) -> anyhow::Result<()> {
         .iter()
         .map(|state| (state.email.clone(), state.decision))
         .collect();
-    assert_eq!(
-        states,
-        vec![("x@example.com".to_owned(), Decision::OptIn)]
-    );
+    assert_eq!(states, vec![("x@example.com".to_owned(), Decision::OptIn)]);
     let person = sqlx::query("SELECT decision, version FROM persons WHERE email = 'x@example.com'")
         .fetch_one(pool)
         .await?;
