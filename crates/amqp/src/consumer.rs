@@ -94,8 +94,10 @@ pub struct ConsumeOptions {
 /// after the first, or when full. A batch holding an urgent delivery (one with
 /// [`URGENT_HEADER`](crate::URGENT_HEADER)) closes [`ConsumeOptions::max_wait`] after that delivery arrived, or
 /// earlier by the rules above, so a webhook's latency is unchanged. Any batch closes as soon as it
-/// takes a delivery with [`FLUSH_HEADER`](crate::FLUSH_HEADER): the publisher says its stream is complete,
-/// and the idle window is only the fallback for a stream that never says so.
+/// takes a delivery with [`FLUSH_HEADER`](crate::FLUSH_HEADER): the publisher says its stream is complete.
+/// A batch holding a delivery with [`STREAM_HEADER`](crate::STREAM_HEADER) ignores `idle` and waits for
+/// that flush, up to `max_wait`: a pause inside a sync (a slow page) would otherwise cut it in two
+/// batches; `idle` is left for deliveries no flush will follow.
 ///
 /// Why: a sync notifies the consumer in a stream of messages over seconds; handled in short
 /// windows, each window pays its own partly filled API calls downstream.
@@ -116,6 +118,15 @@ fn is_flush(delivery: &Delivery) -> bool {
         .is_some_and(crate::is_flush)
 }
 
+/// Whether a delivery belongs to a stream a flush will close (see [`crate::is_stream`]).
+fn is_stream(delivery: &Delivery) -> bool {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .is_some_and(crate::is_stream)
+}
+
 /// Whether a delivery asks to be handled promptly (see [`crate::is_urgent`]).
 fn is_urgent(delivery: &Delivery) -> bool {
     delivery
@@ -125,18 +136,23 @@ fn is_urgent(delivery: &Delivery) -> bool {
         .is_some_and(crate::is_urgent)
 }
 
-/// When the batch that started at `started` must close, given its last delivery's arrival and
-/// the arrival of its first urgent delivery.
+/// When the batch that started at `started` must close, given its last delivery's arrival, the
+/// arrival of its first urgent delivery, and whether it holds part of a stream a flush will close.
 fn batch_deadline(
     options: &ConsumeOptions,
     started: Instant,
     last: Instant,
     urgent_since: Option<Instant>,
+    streaming: bool,
 ) -> Instant {
     let Some(bulk) = options.bulk else {
         return started + options.max_wait;
     };
-    let patient = (last + bulk.idle).min(started + bulk.max_wait);
+    let patient = if streaming {
+        started + bulk.max_wait
+    } else {
+        (last + bulk.idle).min(started + bulk.max_wait)
+    };
     match urgent_since {
         Some(urgent) => patient.min(urgent + options.max_wait),
         None => patient,
@@ -333,11 +349,12 @@ where
         let mut urgent_since = is_urgent(&first).then_some(started);
         // A flush says nothing more of its stream is coming: waiting would only add latency.
         let mut flushed = is_flush(&first);
+        let mut streaming = is_stream(&first);
         let mut batch = vec![first];
         let mut stop_after_batch = None;
         let mut failure = None;
         while batch.len() < max_batch && !flushed {
-            let deadline = batch_deadline(options, started, last, urgent_since);
+            let deadline = batch_deadline(options, started, last, urgent_since, streaming);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
@@ -353,6 +370,7 @@ where
                             urgent_since = Some(last);
                         }
                         flushed = is_flush(&delivery);
+                        streaming |= is_stream(&delivery);
                         batch.push(delivery);
                     }
                     Err(error) => {

@@ -53,6 +53,26 @@ pub fn is_urgent(headers: &lapin::types::FieldTable) -> bool {
 /// so a batch that holds it closes at once rather than when its window runs out.
 pub const FLUSH_HEADER: &str = "x-optout-flush";
 
+/// Boolean header: this message belongs to a stream that a flush will close (a sync run's
+/// notifications), so a batch holding it waits for that flush, up to its longest wait, rather than
+/// closing at the first pause in the stream.
+pub const STREAM_HEADER: &str = "x-optout-stream";
+
+/// Headers that mark a message as part of a flushed stream ([`STREAM_HEADER`] true).
+pub fn stream_headers() -> lapin::types::FieldTable {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(STREAM_HEADER.into(), lapin::types::AMQPValue::Boolean(true));
+    headers
+}
+
+/// Whether `headers` mark a message as part of a flushed stream.
+pub fn is_stream(headers: &lapin::types::FieldTable) -> bool {
+    matches!(
+        headers.inner().get(STREAM_HEADER),
+        Some(lapin::types::AMQPValue::Boolean(true))
+    )
+}
+
 /// Headers that mark a message as a flush ([`FLUSH_HEADER`] true).
 pub fn flush_headers() -> lapin::types::FieldTable {
     let mut headers = lapin::types::FieldTable::default();

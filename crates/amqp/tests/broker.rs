@@ -646,6 +646,19 @@ async fn bulk_batching_gathers_a_stream_and_an_urgent_message_closes_its_batch_e
     broker.teardown().await
 }
 
+/// Publishes `ping(id)` as part of a stream a flush will close.
+async fn publish_stream_ping(publisher: &Publisher, id: &str) -> anyhow::Result<()> {
+    publisher
+        .publish_typed(
+            "members.changed",
+            "optout.test.v1.Ping",
+            &ping(id),
+            optout_amqp::stream_headers(),
+        )
+        .await?;
+    Ok(())
+}
+
 /// Publishes `ping(id)` with the flush header.
 async fn publish_flush(publisher: &Publisher, id: &str) -> anyhow::Result<()> {
     publisher
@@ -714,6 +727,59 @@ async fn a_flush_closes_a_bulk_batch_at_once() -> anyhow::Result<()> {
     );
     assert_eq!(next_batch(&mut receiver).await?, ["t0", "end2"]);
     assert_eq!(next_batch(&mut receiver).await?, ["end3"]);
+    shutdown.cancel();
+    task.await??;
+    broker.teardown().await
+}
+
+#[tokio::test]
+async fn a_stream_batch_waits_past_pauses_for_its_flush() -> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let (_paused, paused_receiver) = watch::channel(false);
+    let options = ConsumeOptions {
+        prefetch: 100,
+        max_batch: 100,
+        max_wait: Duration::from_millis(50),
+        paused: paused_receiver,
+        in_flight: Arc::new(AtomicU64::new(0)),
+        // A short idle window, which the pauses below outlast; a longest wait beyond the deadline.
+        bulk: Some(optout_amqp::BulkBatching {
+            idle: Duration::from_millis(100),
+            max_wait: DEADLINE * 8,
+        }),
+    };
+    let connection = broker.connection.clone();
+    let topology = broker.topology.clone();
+    let queue = topology.members_changed_queue();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        consume(
+            &connection,
+            &topology,
+            &queue,
+            options,
+            token,
+            move |batch: Vec<Message<Ping>>| {
+                let ids: Vec<String> = batch
+                    .iter()
+                    .map(|message| message.body.id.clone())
+                    .collect();
+                let _ = sender.send(ids);
+                async move { vec![Outcome::Ack; batch.len()] }
+            },
+        )
+        .await
+    });
+    // A stream with pauses of three idle windows: one batch, closed by its flush.
+    for index in 0..3 {
+        publish_stream_ping(&publisher, &format!("s{index}")).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    publish_flush(&publisher, "end").await?;
+    assert_eq!(next_batch(&mut receiver).await?, ["s0", "s1", "s2", "end"]);
     shutdown.cancel();
     task.await??;
     broker.teardown().await

@@ -149,8 +149,14 @@ impl Evaluator {
         for (index, message) in batch.iter().enumerate() {
             let checked = match &message.body {
                 Inbound::Members(members) => snapshots_of(members).map(|snapshots| {
-                    valid.push((index, snapshots, first_sync_page(members)));
-                    run_pages.extend(run_page(members).map(|page| (index, page)));
+                    let run_page = run_page(members);
+                    valid.push(Valid {
+                        index,
+                        snapshots,
+                        first_sync_page: first_sync_page(members),
+                        run_page: run_page.is_some(),
+                    });
+                    run_pages.extend(run_page.map(|page| (index, page)));
                 }),
                 Inbound::Marker(marker) => marker_of(marker).map(|marker| {
                     markers.push((index, marker));
@@ -171,7 +177,7 @@ impl Evaluator {
             }
         }
         let first_sync_progress =
-            !markers.is_empty() || valid.iter().any(|(_, _, page)| page.is_some());
+            !markers.is_empty() || valid.iter().any(|valid| valid.first_sync_page.is_some());
         if !markers.is_empty() {
             let kinds: Vec<Marker> = markers.iter().map(|(_, marker)| marker.clone()).collect();
             match store::record_first_sync_markers(&self.pool, &kinds).await {
@@ -292,20 +298,17 @@ impl Evaluator {
 
     /// Applies the valid `MembersChanged` of a batch in one transaction, or one by one when that fails
     /// for good, setting their outcomes.
-    async fn handle_members(
-        &self,
-        valid: &[(usize, Vec<Snapshot>, Option<FirstSyncPage>)],
-        outcomes: &mut [Outcome],
-    ) {
+    async fn handle_members(&self, valid: &[Valid], outcomes: &mut [Outcome]) {
         let all: Vec<Snapshot> = valid
             .iter()
-            .flat_map(|(_, snapshots, _)| snapshots.iter().cloned())
+            .flat_map(|valid| valid.snapshots.iter().cloned())
             .collect();
         let pages: Vec<FirstSyncPage> = valid
             .iter()
-            .filter_map(|(_, _, page)| page.clone())
+            .filter_map(|valid| valid.first_sync_page.clone())
             .collect();
-        match self.apply(&all, &pages).await {
+        let stream = valid.iter().all(|valid| valid.run_page);
+        match self.apply(&all, &pages, stream).await {
             Ok(()) => {
                 self.counters
                     .messages_processed
@@ -314,24 +317,25 @@ impl Evaluator {
             Err(error) if valid.len() > 1 && !error.is_transient() => {
                 // One message may be at fault: apply them one by one so only that one is retried.
                 warn!(error = %error_chain(&error), "batch failed, applying its messages one by one");
-                for (index, snapshots, page) in valid {
-                    let pages: Vec<FirstSyncPage> = page.iter().cloned().collect();
-                    outcomes[*index] = match self.apply(snapshots, &pages).await {
-                        Ok(()) => {
-                            self.counters
-                                .messages_processed
-                                .fetch_add(1, Ordering::Relaxed);
-                            Outcome::Ack
-                        }
-                        Err(error) => Outcome::Retry(error_chain(&error)),
-                    };
+                for valid in valid {
+                    let pages: Vec<FirstSyncPage> = valid.first_sync_page.iter().cloned().collect();
+                    outcomes[valid.index] =
+                        match self.apply(&valid.snapshots, &pages, valid.run_page).await {
+                            Ok(()) => {
+                                self.counters
+                                    .messages_processed
+                                    .fetch_add(1, Ordering::Relaxed);
+                                Outcome::Ack
+                            }
+                            Err(error) => Outcome::Retry(error_chain(&error)),
+                        };
                 }
             }
             Err(error) => {
                 let reason = error_chain(&error);
                 warn!(error = reason, "batch failed, requeueing it");
-                for (index, _, _) in valid {
-                    outcomes[*index] = Outcome::Retry(reason.clone());
+                for valid in valid {
+                    outcomes[valid.index] = Outcome::Retry(reason.clone());
                 }
             }
         }
@@ -348,7 +352,15 @@ impl Evaluator {
     /// [`Evaluator::release_held`] publishes them once every first-syncing audience has been read.
     /// They are held, and the first-sync `pages` counted, in the transaction that commits the
     /// state.
-    async fn apply(&self, snapshots: &[Snapshot], pages: &[FirstSyncPage]) -> Result<()> {
+    ///
+    /// `stream`: the snapshots all come from pages of sync runs, whose end the writer will be told
+    /// of (see [`Evaluator::flush_runs`]), so its batch may wait for that.
+    async fn apply(
+        &self,
+        snapshots: &[Snapshot],
+        pages: &[FirstSyncPage],
+        stream: bool,
+    ) -> Result<()> {
         let traceparent = current_traceparent();
         let hold = store::FirstSyncHold {
             first_sync: snapshots
@@ -380,19 +392,26 @@ impl Evaluator {
             .collect();
         // A webhook or a Memberships API call is someone waiting; a poll page is part of a sync,
         // which the writer batches for economy.
-        let urgent = snapshots
+        let kind = if snapshots
             .iter()
-            .any(|snapshot| snapshot.learned_from != "poll");
-        self.publish_dirty(&published, urgent).await
+            .any(|snapshot| snapshot.learned_from != "poll")
+        {
+            DirtyKind::Urgent
+        } else if stream {
+            DirtyKind::Stream
+        } else {
+            DirtyKind::Plain
+        };
+        self.publish_dirty(&published, kind).await
     }
 
-    async fn publish_dirty(&self, states: &[PersonState], urgent: bool) -> Result<()> {
+    async fn publish_dirty(&self, states: &[PersonState], kind: DirtyKind) -> Result<()> {
         let emails: Vec<String> = states
             .iter()
             .filter(|state| state.decision == Decision::OptOut || state.has_evidence)
             .map(|state| state.email.clone())
             .collect();
-        self.publish_emails(&emails, urgent).await
+        self.publish_emails(&emails, kind).await
     }
 
     /// Publishes the held first-sync opt-outs once no first-syncing audience is pending: every
@@ -459,7 +478,10 @@ impl Evaluator {
                 );
                 optout_telemetry::set_remote_parent(&span, optout_amqp::observe::extract(&headers));
             }
-            self.publish_emails(&emails, false).instrument(span).await?;
+            // A release ends with a flush: the writer's batch may wait for it.
+            self.publish_emails(&emails, DirtyKind::Stream)
+                .instrument(span)
+                .await?;
             published += emails.len();
         }
         transaction.commit().await?;
@@ -470,9 +492,8 @@ impl Evaluator {
         Ok((released.len(), published))
     }
 
-    /// `persons.dirty` for `emails`, each to its partition, in chunks; `urgent` sets the header
-    /// that asks the writer to handle them promptly.
-    async fn publish_emails(&self, emails: &[String], urgent: bool) -> Result<()> {
+    /// `persons.dirty` for `emails`, each to its partition, in chunks, with the headers of `kind`.
+    async fn publish_emails(&self, emails: &[String], kind: DirtyKind) -> Result<()> {
         let mut partitions: BTreeMap<u16, Vec<String>> = BTreeMap::new();
         for email in emails {
             partitions
@@ -487,10 +508,10 @@ impl Evaluator {
                     emails: chunk.to_vec(),
                     reason: "members.changed".to_owned(),
                 };
-                let headers = if urgent {
-                    optout_amqp::urgent_headers()
-                } else {
-                    FieldTable::default()
+                let headers = match kind {
+                    DirtyKind::Urgent => optout_amqp::urgent_headers(),
+                    DirtyKind::Stream => optout_amqp::stream_headers(),
+                    DirtyKind::Plain => FieldTable::default(),
                 };
                 self.publisher
                     .publish_typed(&routing_key, PERSONS_DIRTY_TYPE, &message, headers)
@@ -503,6 +524,29 @@ impl Evaluator {
         }
         Ok(())
     }
+}
+
+/// A valid `MembersChanged` of a batch.
+#[derive(Debug)]
+struct Valid {
+    /// Its position in the batch.
+    index: usize,
+    snapshots: Vec<Snapshot>,
+    /// The first-sync page it counts as, if any.
+    first_sync_page: Option<FirstSyncPage>,
+    /// Whether it is a page of a sync run, counted towards the run's end.
+    run_page: bool,
+}
+
+/// How the writer is asked to batch a `persons.dirty` message.
+#[derive(Clone, Copy, Debug)]
+enum DirtyKind {
+    /// Someone waits (a webhook or a Memberships API call): the short window.
+    Urgent,
+    /// Part of a sync run or a release, which a flush will close.
+    Stream,
+    /// Neither: the writer's idle window closes its batch.
+    Plain,
 }
 
 /// The W3C traceparent of the current span, to continue its trace later.

@@ -1,8 +1,9 @@
 //! The evaluator's PostgreSQL state: members, their transitions and the decision per email.
 //!
-//! Replicas share the schema. Every batch runs in one transaction that first locks the person rows of all its
-//! emails in sorted order, so two replicas handling the same email serialize (and cannot deadlock), and the
-//! decision is always computed from the complete, current member set.
+//! Replicas share the schema. Every batch runs in one transaction that first locks the existing person rows
+//! of all its emails in sorted order, and creates the missing ones, also in sorted order, before it writes
+//! anything else; so two replicas handling the same email serialize (and cannot deadlock), and the decision
+//! is always computed from the complete, current member set (see [`apply_batch`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 

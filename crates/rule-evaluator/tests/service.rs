@@ -61,7 +61,9 @@ struct World {
     dirty_by_queue: HashMap<String, BTreeSet<String>>,
     /// Each flush received: its queue and the emails that queue had delivered before it.
     flushes: Vec<(String, BTreeSet<String>)>,
-    dirty_receiver: mpsc::UnboundedReceiver<(String, PersonsDirty, bool)>,
+    /// The emails received in messages marked as part of a stream a flush will close.
+    streamed: BTreeSet<String>,
+    dirty_receiver: mpsc::UnboundedReceiver<(String, PersonsDirty, FieldTable)>,
     consumers: CancellationToken,
     connection_for_consumers: Arc<Connection>,
 }
@@ -112,8 +114,7 @@ impl World {
                     move |batch: Vec<Message<PersonsDirty>>| {
                         let outcomes = vec![Outcome::Ack; batch.len()];
                         for message in batch {
-                            let flush = optout_amqp::is_flush(&message.headers);
-                            let _ = sender.send((name.clone(), message.body, flush));
+                            let _ = sender.send((name.clone(), message.body, message.headers));
                         }
                         async move { outcomes }
                     },
@@ -131,6 +132,7 @@ impl World {
             dirty_messages: 0,
             dirty_by_queue: HashMap::new(),
             flushes: Vec::new(),
+            streamed: BTreeSet::new(),
             dirty_receiver,
             consumers,
             connection_for_consumers,
@@ -203,9 +205,12 @@ impl World {
 
     /// Takes every `PersonsDirty` received so far into `dirty`, and every flush into `flushes`.
     fn drain_dirty(&mut self) -> anyhow::Result<()> {
-        while let Ok((queue, dirty, flush)) = self.dirty_receiver.try_recv() {
+        while let Ok((queue, dirty, headers)) = self.dirty_receiver.try_recv() {
             let seen = self.dirty_by_queue.entry(queue.clone()).or_default();
-            if flush {
+            if optout_amqp::is_stream(&headers) {
+                self.streamed.extend(dirty.emails.iter().cloned());
+            }
+            if optout_amqp::is_flush(&headers) {
                 assert!(dirty.emails.is_empty(), "a flush names no email: {dirty:?}");
                 self.flushes.push((queue, seen.clone()));
                 continue;
@@ -617,6 +622,11 @@ async fn first_sync_opt_outs_wait_until_every_audience_is_read() -> anyhow::Resu
         .wait_flushes(world.topology.persons_dirty_queues().len())
         .await?;
     world.assert_flushed_after(&["both@example.com", "late@example.com"]);
+    assert!(
+        world.streamed.contains("both@example.com") && world.streamed.contains("late@example.com"),
+        "the release is marked as a stream: {:?}",
+        world.streamed
+    );
     world.drain_dirty()?;
     assert!(
         !world.dirty.contains("split@example.com"),
@@ -792,7 +802,13 @@ async fn a_sync_run_is_flushed_to_every_partition_once_all_its_pages_are_applied
         .await?;
     let partitions = world.topology.persons_dirty_queues().len();
     world.wait_flushes(partitions).await?;
-    // Each partition's flush comes after every email of the run on that partition.
+    // Each partition's flush comes after every email of the run on that partition, and those were
+    // marked as a stream, so the writer's batch waits for the flush.
+    assert_eq!(
+        world.streamed,
+        emails.iter().cloned().collect::<BTreeSet<_>>(),
+        "the run's notifications are marked as a stream"
+    );
     let all: Vec<&str> = emails.iter().map(String::as_str).collect();
     world.assert_flushed_after(&all);
     let mut flushed_queues: Vec<String> = world
