@@ -76,10 +76,10 @@ def evaluator():
              f'DROP SCHEMA IF EXISTS "{schema}_evaluator" CASCADE'],
             capture_output=True,
         )
-        # The queues are declared with a unique prefix; remove them so test runs leave no trace.
-        # rabbitmqctl, not rabbitmqadmin: the latter needs the management plugin, which a plain
-        # install does not enable (and its failures went unnoticed). The two exchanges stay
-        # behind: rabbitmqctl cannot delete one, and an unused exchange costs next to nothing.
+        # The queues and exchanges are declared with a unique prefix; remove them so test runs
+        # leave no trace. rabbitmqctl, not rabbitmqadmin: the latter needs the management plugin,
+        # which a plain install does not enable (and its failures went unnoticed). rabbitmqctl has
+        # no command that deletes an exchange, so that goes through `eval`.
         # (stdin closed: rabbitmqctl reads it, and would swallow whatever the caller feeds.)
         listed = subprocess.run(
             ["rabbitmqctl", "-q", "list_queues", "name"],
@@ -89,6 +89,18 @@ def evaluator():
             if name.startswith(f"ops-{tag}."):
                 subprocess.run(
                     ["rabbitmqctl", "-q", "delete_queue", name],
+                    capture_output=True, stdin=subprocess.DEVNULL,
+                )
+        exchanges = subprocess.run(
+            ["rabbitmqctl", "-q", "list_exchanges", "name"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )
+        for name in exchanges.stdout.split():
+            if name.startswith(f"ops-{tag}."):
+                subprocess.run(
+                    ["rabbitmqctl", "-q", "eval",
+                     f'rabbit_exchange:delete(rabbit_misc:r(<<"/">>, exchange, <<"{name}">>), '
+                     'false, <<"optout-ops-test">>).'],
                     capture_output=True, stdin=subprocess.DEVNULL,
                 )
 
