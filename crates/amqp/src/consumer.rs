@@ -109,31 +109,10 @@ pub struct BulkBatching {
     pub max_wait: Duration,
 }
 
-/// Whether a delivery ends its stream (see [`crate::is_flush`]).
-fn is_flush(delivery: &Delivery) -> bool {
-    delivery
-        .properties
-        .headers()
-        .as_ref()
-        .is_some_and(crate::is_flush)
-}
-
-/// Whether a delivery belongs to a stream a flush will close (see [`crate::is_stream`]).
-fn is_stream(delivery: &Delivery) -> bool {
-    delivery
-        .properties
-        .headers()
-        .as_ref()
-        .is_some_and(crate::is_stream)
-}
-
-/// Whether a delivery asks to be handled promptly (see [`crate::is_urgent`]).
-fn is_urgent(delivery: &Delivery) -> bool {
-    delivery
-        .properties
-        .headers()
-        .as_ref()
-        .is_some_and(crate::is_urgent)
+/// Whether a delivery's headers pass `check` (one of [`crate::is_flush`], [`crate::is_stream`],
+/// [`crate::is_urgent`]).
+fn marked(delivery: &Delivery, check: fn(&FieldTable) -> bool) -> bool {
+    delivery.properties.headers().as_ref().is_some_and(check)
 }
 
 /// When the batch that started at `started` must close, given its last delivery's arrival, the
@@ -346,10 +325,10 @@ where
         worker.in_flight.fetch_add(1, Ordering::SeqCst);
         let started = Instant::now();
         let mut last = started;
-        let mut urgent_since = is_urgent(&first).then_some(started);
+        let mut urgent_since = marked(&first, crate::is_urgent).then_some(started);
         // A flush says nothing more of its stream is coming: waiting would only add latency.
-        let mut flushed = is_flush(&first);
-        let mut streaming = is_stream(&first);
+        let mut flushed = marked(&first, crate::is_flush);
+        let mut streaming = marked(&first, crate::is_stream);
         let mut batch = vec![first];
         let mut stop_after_batch = None;
         let mut failure = None;
@@ -366,11 +345,11 @@ where
                     Ok(delivery) => {
                         worker.in_flight.fetch_add(1, Ordering::SeqCst);
                         last = Instant::now();
-                        if urgent_since.is_none() && is_urgent(&delivery) {
+                        if urgent_since.is_none() && marked(&delivery, crate::is_urgent) {
                             urgent_since = Some(last);
                         }
-                        flushed = is_flush(&delivery);
-                        streaming |= is_stream(&delivery);
+                        flushed = marked(&delivery, crate::is_flush);
+                        streaming |= marked(&delivery, crate::is_stream);
                         batch.push(delivery);
                     }
                     Err(error) => {

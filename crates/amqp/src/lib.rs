@@ -34,21 +34,6 @@ pub const FIRST_FAILURE_HEADER: &str = "x-optout-first-failure";
 /// batches a sync's stream of messages is gathered into (see [`BulkBatching`]).
 pub const URGENT_HEADER: &str = "x-optout-urgent";
 
-/// Headers that mark a message urgent ([`URGENT_HEADER`] true).
-pub fn urgent_headers() -> lapin::types::FieldTable {
-    let mut headers = lapin::types::FieldTable::default();
-    headers.insert(URGENT_HEADER.into(), lapin::types::AMQPValue::Boolean(true));
-    headers
-}
-
-/// Whether `headers` mark a message urgent.
-pub fn is_urgent(headers: &lapin::types::FieldTable) -> bool {
-    matches!(
-        headers.inner().get(URGENT_HEADER),
-        Some(lapin::types::AMQPValue::Boolean(true))
-    )
-}
-
 /// Boolean header: the stream this message ends is complete (a sync run's last notification),
 /// so a batch that holds it closes at once rather than when its window runs out.
 pub const FLUSH_HEADER: &str = "x-optout-flush";
@@ -58,34 +43,49 @@ pub const FLUSH_HEADER: &str = "x-optout-flush";
 /// closing at the first pause in the stream.
 pub const STREAM_HEADER: &str = "x-optout-stream";
 
+/// Headers with the boolean `flag` set.
+fn flag_headers(flag: &str) -> lapin::types::FieldTable {
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(flag.into(), lapin::types::AMQPValue::Boolean(true));
+    headers
+}
+
+/// Whether `headers` set the boolean `flag`.
+fn has_flag(headers: &lapin::types::FieldTable, flag: &str) -> bool {
+    matches!(
+        headers.inner().get(flag),
+        Some(lapin::types::AMQPValue::Boolean(true))
+    )
+}
+
+/// Headers that mark a message urgent ([`URGENT_HEADER`] true).
+pub fn urgent_headers() -> lapin::types::FieldTable {
+    flag_headers(URGENT_HEADER)
+}
+
+/// Whether `headers` mark a message urgent.
+pub fn is_urgent(headers: &lapin::types::FieldTable) -> bool {
+    has_flag(headers, URGENT_HEADER)
+}
+
 /// Headers that mark a message as part of a flushed stream ([`STREAM_HEADER`] true).
 pub fn stream_headers() -> lapin::types::FieldTable {
-    let mut headers = lapin::types::FieldTable::default();
-    headers.insert(STREAM_HEADER.into(), lapin::types::AMQPValue::Boolean(true));
-    headers
+    flag_headers(STREAM_HEADER)
 }
 
 /// Whether `headers` mark a message as part of a flushed stream.
 pub fn is_stream(headers: &lapin::types::FieldTable) -> bool {
-    matches!(
-        headers.inner().get(STREAM_HEADER),
-        Some(lapin::types::AMQPValue::Boolean(true))
-    )
+    has_flag(headers, STREAM_HEADER)
 }
 
 /// Headers that mark a message as a flush ([`FLUSH_HEADER`] true).
 pub fn flush_headers() -> lapin::types::FieldTable {
-    let mut headers = lapin::types::FieldTable::default();
-    headers.insert(FLUSH_HEADER.into(), lapin::types::AMQPValue::Boolean(true));
-    headers
+    flag_headers(FLUSH_HEADER)
 }
 
 /// Whether `headers` mark a message as a flush.
 pub fn is_flush(headers: &lapin::types::FieldTable) -> bool {
-    matches!(
-        headers.inner().get(FLUSH_HEADER),
-        Some(lapin::types::AMQPValue::Boolean(true))
-    )
+    has_flag(headers, FLUSH_HEADER)
 }
 
 /// The content type of every body this crate publishes.
