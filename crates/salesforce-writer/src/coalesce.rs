@@ -10,7 +10,7 @@
 //! before it takes more deliveries, so an email (always in one partition) is in at most one pass
 //! at a time and its notifications are still handled in order.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -58,8 +58,7 @@ struct Submission {
     /// Whether one of them asked to be handled promptly (`URGENT_HEADER`) or ended its stream
     /// (`FLUSH_HEADER`).
     urgent: bool,
-    emails: BTreeSet<String>,
-    trace_ids: HashMap<String, String>,
+    emails: writer::DirtyEmails,
     /// The consumer's `process` span, which the pass continues.
     span: tracing::Span,
     reply: oneshot::Sender<Answer>,
@@ -103,7 +102,7 @@ impl Coalescer {
     /// Writes the emails of one partition's batch, together with whatever the other partitions
     /// hand in meanwhile, and says what to do with each message.
     pub(crate) async fn handle_batch(&self, messages: &[Message<PersonsDirty>]) -> Vec<Outcome> {
-        let (emails, trace_ids) = writer::dirty_emails(messages);
+        let emails = writer::dirty_emails(messages);
         if emails.is_empty() {
             // Only flushes (or empty notifications): nothing to write, no pass to wait for.
             return writer::outcomes(messages, &Ok(Arc::default()));
@@ -118,7 +117,6 @@ impl Coalescer {
             messages: messages.len() as u64,
             urgent,
             emails,
-            trace_ids,
             span: tracing::Span::current(),
             reply,
         };
@@ -179,20 +177,19 @@ async fn write_pass(writer: &Writer, pass: Vec<Submission>) {
         Some(first) => tracing::info_span!(parent: &first.span, "write_pass", batches = pass.len()),
         None => return,
     };
-    let mut emails = BTreeSet::new();
-    let mut trace_ids = HashMap::new();
+    let mut union = writer::DirtyEmails::new();
     let mut replies = Vec::with_capacity(pass.len());
     for (position, submission) in pass.into_iter().enumerate() {
         if position > 0 {
             span.follows_from(&submission.span);
         }
-        emails.extend(submission.emails);
-        for (email, trace_id) in submission.trace_ids {
-            trace_ids.entry(email).or_insert(trace_id);
+        for (email, trace_id) in submission.emails {
+            union.entry(email).or_insert(trace_id);
         }
         replies.push(submission.reply);
     }
-    let emails: Vec<String> = emails.into_iter().collect();
+    // Sorted, as `apply` looks the trace ids up by position.
+    let (emails, trace_ids): (Vec<String>, Vec<_>) = union.into_iter().unzip();
     let started = Instant::now();
     let answer = match writer
         .write_dirty(&emails, trace_ids)

@@ -75,6 +75,7 @@ mod tests {
             old: !new,
             new,
             reason: "all unsubscribed".to_owned(),
+            version: 1,
         }
     }
 

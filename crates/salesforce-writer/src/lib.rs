@@ -435,6 +435,7 @@ async fn connect(config: &Config, observability: &Observability) -> Result<Depen
         objects,
         person_accounts,
         config.bulk_threshold,
+        config.plan_slice,
         Arc::clone(&observability.writer),
     ));
     poll::initialize_watermarks(&writer).await?;

@@ -218,6 +218,8 @@ pub struct Change {
     pub new: bool,
     /// Why (the evaluator's rule).
     pub reason: String,
+    /// The version of the decision it was planned from, compared after writing.
+    pub version: i64,
 }
 
 /// Records whose value differs from their email's target, each record once, in a stable order.
@@ -239,6 +241,7 @@ pub fn diff(targets: &BTreeMap<String, Target>, records: &[CurrentRecord]) -> Ve
             old: record.opted_out,
             new: target.opted_out,
             reason: target.rule.clone(),
+            version: target.version,
         });
     }
     changes.sort_by(|left, right| (left.object, &left.id).cmp(&(right.object, &right.id)));

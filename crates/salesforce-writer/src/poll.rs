@@ -2,7 +2,7 @@
 //! re-asserts opt-outs through the write path (the seed's "if you manually uncheck ... it will be
 //! updated back to checked during the next sync").
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::pin::pin;
 
 use chrono::{DateTime, Utc};
@@ -81,7 +81,7 @@ async fn poll_object(
         trigger: Trigger::SalesforcePoll,
         dry_run,
         opt_out_only: true,
-        trace_ids: HashMap::new(),
+        trace_ids: Vec::new(),
     };
     let mut pages = pin!(writer.salesforce.query_stream::<Value>(soql));
     let mut newest: Option<DateTime<Utc>> = None;

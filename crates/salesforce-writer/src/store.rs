@@ -13,10 +13,10 @@ const AUDIT_CHUNK: usize = 2000;
 
 /// One audit row to insert.
 #[derive(Clone, Debug)]
-pub(crate) struct AuditEntry {
-    pub(crate) change: Change,
+pub(crate) struct AuditEntry<'a> {
+    pub(crate) change: &'a Change,
     pub(crate) trigger: &'static str,
-    pub(crate) trace_id: Option<String>,
+    pub(crate) trace_id: Option<&'a str>,
 }
 
 /// One stored audit row.
@@ -69,7 +69,7 @@ impl Store {
     }
 
     /// Records successful writes.
-    pub(crate) async fn insert_audit(&self, entries: &[AuditEntry]) -> Result<()> {
+    pub(crate) async fn insert_audit(&self, entries: &[AuditEntry<'_>]) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -94,7 +94,7 @@ impl Store {
                 news.push(entry.change.new);
                 reasons.push(entry.change.reason.as_str());
                 triggers.push(entry.trigger);
-                trace_ids.push(entry.trace_id.as_deref());
+                trace_ids.push(entry.trace_id);
             }
             sqlx::query(
                 "INSERT INTO audit_log (email, object, record_id, old_value, new_value, reason, \"trigger\", trace_id) \

@@ -299,6 +299,7 @@ fn bulk_csv_and_errors_use_the_object_field() {
         old: false,
         new: true,
         reason: "r".to_owned(),
+        version: 1,
     };
     assert_eq!(
         plan::bulk_csv(SfObject::PersonAccount, &[&change]),

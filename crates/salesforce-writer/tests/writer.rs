@@ -398,6 +398,15 @@ impl TestApp {
     }
 
     async fn publish(&self, emails: &[&str]) -> Result<()> {
+        self.publish_with(emails, &lapin::types::FieldTable::default())
+            .await
+    }
+
+    async fn publish_with(
+        &self,
+        emails: &[&str],
+        headers: &lapin::types::FieldTable,
+    ) -> Result<()> {
         let mut by_partition: HashMap<u16, Vec<String>> = HashMap::new();
         for email in emails {
             by_partition
@@ -415,11 +424,22 @@ impl TestApp {
                     &self.topology.persons_dirty_routing_key(partition),
                     "optout.queue.v1.PersonsDirty",
                     &body,
-                    lapin::types::FieldTable::default(),
+                    headers.clone(),
                 )
                 .await?;
         }
         Ok(())
+    }
+
+    /// The trace ids of `email`'s audit rows.
+    async fn audit_trace_ids(&self, email: &str) -> Result<Vec<Option<String>>> {
+        Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT trace_id FROM \"{}\".audit_log WHERE email = $1 ORDER BY id",
+            self.schema
+        )))
+        .bind(email)
+        .fetch_all(&self.database)
+        .await?)
     }
 
     async fn audit_rows(&self, email: &str) -> Result<Vec<(String, bool, bool, String, String)>> {
@@ -894,6 +914,97 @@ async fn locked_rows_are_retried_and_large_diffs_go_through_bulk_jobs() -> Resul
         status.counters
     );
     assert_eq!(status.counters.get("written_contact"), Some(&120));
+    assert_eq!(status.counters.get("write_failures"), Some(&0));
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_larger_than_a_plan_slice_reads_per_slice_and_writes_once_per_object() -> Result<()>
+{
+    let mut app =
+        TestApp::spawn_with(false, &["--plan-slice", "40", "--bulk-threshold", "20"]).await?;
+    // 103 emails in one pass: three slices of at most 40. Opt-outs whose records need checking,
+    // opt-outs already right, and opt-ins with evidence spread over every slice.
+    let emails: Vec<String> = (0..103)
+        .map(|index| format!("slice{index:03}@example.com"))
+        .collect();
+    let mut to_check = Vec::new();
+    let mut evidence = Vec::new();
+    for (index, email) in emails.iter().enumerate() {
+        let (checked, decision, evidence_id) = match index % 10 {
+            0 => (true, Decision::OptIn, 1000 + index as i64),
+            1 => (true, Decision::OptOut, 0),
+            _ => (false, Decision::OptOut, 0),
+        };
+        app.create(
+            "Contact",
+            json!({"LastName": "S", "Email": email, "HasOptedOutOfEmail": checked}),
+        )
+        .await?;
+        app.create(
+            "Lead",
+            json!({"LastName": "S", "Company": "X", "Email": email, "HasOptedOutOfEmail": checked}),
+        )
+        .await?;
+        app.fake.set(email, decision, evidence_id);
+        if evidence_id != 0 {
+            evidence.push((email.clone(), evidence_id));
+        } else if !checked {
+            to_check.push(email.as_str());
+        }
+    }
+
+    let before = app.salesforce_calls().await?;
+    let refs: Vec<&str> = emails.iter().map(String::as_str).collect();
+    // Without a trace of its own (no exporter here), each audit row names the trace of the
+    // message that carried its email.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        lapin::types::AMQPValue::LongString(format!("00-{trace_id}-00f067aa0ba902b7-01").into()),
+    );
+    app.publish_with(&refs, &headers).await?;
+    wait_for_value(&app, &to_check, true).await?;
+    app.wait_idle().await?;
+    let after = app.salesforce_calls().await?;
+    let delta = |endpoint: &str| {
+        after.get(endpoint).copied().unwrap_or(0) - before.get(endpoint).copied().unwrap_or(0)
+    };
+
+    // What every slice planned is written together: one Bulk job per object for the whole pass
+    // (92 records each: 81 to check, 11 to uncheck), where writing slice by slice would have
+    // paid a job per object per slice.
+    assert_eq!(delta("POST /jobs/ingest"), 2, "calls: {after:?}");
+    assert_eq!(delta("PATCH /composite/sobjects"), 0, "calls: {after:?}");
+    // Each slice read its own records: one statement per object per slice.
+    assert_eq!(delta("GET /query"), 6, "calls: {after:?}");
+    for email in &to_check {
+        let rows = app.audit_rows(email).await?;
+        assert_eq!(rows.len(), 2, "audit rows of {email}: {rows:?}");
+        assert_eq!(
+            app.audit_trace_ids(email).await?,
+            [Some(trace_id.to_owned()), Some(trace_id.to_owned())]
+        );
+    }
+    for (email, _) in &evidence {
+        let records = app.records(email).await?;
+        assert!(
+            records
+                .iter()
+                .all(|record| opted_out(record) == Some(false)),
+            "opt-in of {email} not written: {records:?}"
+        );
+    }
+    // Opt-in evidence of the first slices is acknowledged too, once the pass has written.
+    let mut acks = app.fake.acks();
+    acks.sort();
+    assert_eq!(acks, evidence);
+    let status = app.status().await?;
+    assert_eq!(
+        status.counters.get("written_contact"),
+        Some(&(to_check.len() as i64 + 11))
+    );
     assert_eq!(status.counters.get("write_failures"), Some(&0));
     app.stop().await
 }
