@@ -97,6 +97,9 @@ pub enum Error {
     /// The connection to the broker could not be opened.
     #[error("failed to connect to rabbitmq")]
     Connect(#[source] lapin::Error),
+    /// The AMQP URL could not be parsed. Its text is left out: it may carry a password.
+    #[error("the amqp url is not valid (amqp://user:password@host:port/vhost)")]
+    InvalidUrl,
     /// The broker accepted the TCP connection but did not finish the AMQP handshake in time.
     #[error("rabbitmq did not complete the amqp handshake within {0:?}")]
     ConnectTimeout(std::time::Duration),
@@ -159,14 +162,22 @@ pub async fn connect(url: &str) -> Result<lapin::Connection> {
     // A wedged broker (or anything else on the port) can accept TCP and never answer the
     // protocol header; lapin would then wait forever. Fail instead, so a service exits to be
     // restarted and a test reports the broker rather than hanging.
+    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|_| Error::InvalidUrl)?;
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
     tokio::time::timeout(
         CONNECT_TIMEOUT,
-        lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+        lapin::Connection::connect_uri(uri, lapin::ConnectionProperties::default()),
     )
     .await
     .map_err(|_| Error::ConnectTimeout(CONNECT_TIMEOUT))?
     .map_err(Error::Connect)
 }
+
+/// The largest frame [`connect`] asks for, unless the URL sets `frame_max`. lapin keeps a receive
+/// and a send buffer of 32 frames for the life of a connection: at RabbitMQ's default of
+/// 128 KiB that is 8 MiB in every service, whatever it does. A larger message is simply sent in
+/// several frames (a page of 1,000 members in about five).
+pub const FRAME_MAX: u32 = 32 * 1024;
 
 /// How long [`connect`] waits for the AMQP handshake: far beyond a healthy broker's milliseconds,
 /// short enough that a hung one is reported well before any test or probe gives up.

@@ -222,6 +222,43 @@ async fn published_messages_reach_the_consumer_with_their_properties() -> anyhow
 }
 
 #[tokio::test]
+async fn connections_use_small_frames_and_a_larger_message_arrives_whole() -> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    assert_eq!(
+        broker.connection.configuration().frame_max(),
+        optout_amqp::FRAME_MAX
+    );
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    // Six frames' worth, with no repeating pattern a frame boundary could hide a mix-up in.
+    let large: String = (0..6 * optout_amqp::FRAME_MAX / 8)
+        .map(|index| format!("{:07x},", index.wrapping_mul(2_654_435_761) >> 4))
+        .collect();
+    publisher.publish("members.changed", &ping(&large)).await?;
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let running = Running::start(
+        &broker,
+        &broker.topology.members_changed_queue(),
+        sender,
+        |_| Outcome::Ack,
+    );
+    let message = recv(&mut receiver).await?;
+    assert_eq!(message.body.id.len(), large.len());
+    assert!(message.body.id == large, "the body changed on its way");
+    running.stop().await?;
+    broker.teardown().await
+}
+
+#[tokio::test]
+async fn an_invalid_url_is_refused_without_showing_it() {
+    let error = optout_amqp::connect("amqp://guest:hunter2@127.0.0.1:notaport/%2f")
+        .await
+        .expect_err("not a url");
+    let text = format!("{error:?} {error}");
+    assert!(matches!(error, optout_amqp::Error::InvalidUrl), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[tokio::test]
 async fn publishing_to_an_unbound_routing_key_is_an_error() -> anyhow::Result<()> {
     let broker = Broker::start().await?;
     let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
