@@ -174,7 +174,18 @@ struct MemberRow {
     status: MemberStatus,
     last_changed: DateTime<Utc>,
     learned_from: String,
+    baseline: Baseline,
     changed: bool,
+}
+
+/// Where a member's first-seen transition is (see the `first_seen_at` migration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Baseline {
+    /// In `transitions`.
+    Logged,
+    /// Not written yet: the unchanged row stands for it, first seen at this time (`None`: by
+    /// this transaction).
+    Pending(Option<DateTime<Utc>>),
 }
 
 /// A person row as held in memory while a batch is applied.
@@ -266,8 +277,8 @@ async fn try_apply_batch(
     if !persons.is_empty() {
         let existing: Vec<&str> = persons.keys().map(String::as_str).collect();
         let member_rows = sqlx::query(
-            "SELECT email, audience_id, status, last_changed, learned_from FROM members \
-             WHERE email = ANY($1)",
+            "SELECT email, audience_id, status, last_changed, learned_from, first_seen_at \
+             FROM members WHERE email = ANY($1)",
         )
         .bind(&existing)
         .fetch_all(&mut *transaction)
@@ -287,6 +298,10 @@ async fn try_apply_batch(
                     status,
                     last_changed: row.try_get("last_changed")?,
                     learned_from: row.try_get("learned_from")?,
+                    baseline: match row.try_get("first_seen_at")? {
+                        Some(seen_at) => Baseline::Pending(Some(seen_at)),
+                        None => Baseline::Logged,
+                    },
                     changed: false,
                 },
             );
@@ -320,15 +335,27 @@ async fn try_apply_batch(
                 fresh_evidence.insert(snapshot.email.clone());
             }
         }
-        if previous_status != Some(snapshot.status) {
-            transitions.push(snapshot, previous_status);
-        }
+        // A member first seen is logged by its row alone until the row changes; then its
+        // first-seen transition is written ahead of the change's own.
+        let baseline = match previous {
+            None => Baseline::Pending(None),
+            Some(previous) => {
+                if let Baseline::Pending(seen_at) = previous.baseline {
+                    transitions.push_first_seen(&key, previous, seen_at);
+                }
+                if previous.status != snapshot.status {
+                    transitions.push(snapshot, previous_status);
+                }
+                Baseline::Logged
+            }
+        };
         members.insert(
             key,
             MemberRow {
                 status: snapshot.status,
                 last_changed: snapshot.last_changed,
                 learned_from: snapshot.learned_from.to_owned(),
+                baseline,
                 changed: true,
             },
         );
@@ -436,29 +463,41 @@ async fn write_members(
     let mut statuses = Vec::new();
     let mut times = Vec::new();
     let mut sources = Vec::new();
+    let mut pending = Vec::new();
+    let mut first_seen = Vec::new();
     for ((email, audience_id), member) in members.iter().filter(|(_, member)| member.changed) {
         emails.push(email.as_str());
         audiences.push(audience_id.as_str());
         statuses.push(member.status.as_str());
         times.push(member.last_changed);
         sources.push(member.learned_from.as_str());
+        let seen_at = match member.baseline {
+            Baseline::Logged => None,
+            Baseline::Pending(seen_at) => Some(seen_at),
+        };
+        pending.push(seen_at.is_some());
+        first_seen.push(seen_at.flatten());
     }
     if emails.is_empty() {
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO members (email, audience_id, status, last_changed, learned_from, updated_at) \
-         SELECT email, audience_id, status, last_changed, learned_from, now() \
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[]) \
-           AS u(email, audience_id, status, last_changed, learned_from) \
+        "INSERT INTO members (email, audience_id, status, last_changed, learned_from, updated_at, first_seen_at) \
+         SELECT email, audience_id, status, last_changed, learned_from, now(), \
+           CASE WHEN pending THEN coalesce(first_seen_at, now()) END \
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::bool[], $7::timestamptz[]) \
+           AS u(email, audience_id, status, last_changed, learned_from, pending, first_seen_at) \
          ON CONFLICT (email, audience_id) DO UPDATE SET status = EXCLUDED.status, \
-           last_changed = EXCLUDED.last_changed, learned_from = EXCLUDED.learned_from, updated_at = now()",
+           last_changed = EXCLUDED.last_changed, learned_from = EXCLUDED.learned_from, updated_at = now(), \
+           first_seen_at = EXCLUDED.first_seen_at",
     )
     .bind(&emails)
     .bind(&audiences)
     .bind(&statuses)
     .bind(&times)
     .bind(&sources)
+    .bind(&pending)
+    .bind(&first_seen)
     .execute(connection)
     .await?;
     Ok(())
@@ -484,7 +523,9 @@ struct Transitions {
     from: Vec<Option<&'static str>>,
     to: Vec<&'static str>,
     times: Vec<DateTime<Utc>>,
-    sources: Vec<&'static str>,
+    sources: Vec<String>,
+    /// When it was seen; `None`: now.
+    seen: Vec<Option<DateTime<Utc>>>,
 }
 
 impl Transitions {
@@ -494,7 +535,24 @@ impl Transitions {
         self.from.push(from.map(MemberStatus::as_str));
         self.to.push(snapshot.status.as_str());
         self.times.push(snapshot.last_changed);
-        self.sources.push(snapshot.learned_from);
+        self.sources.push(snapshot.learned_from.to_owned());
+        self.seen.push(None);
+    }
+
+    /// The first-seen transition a member's unchanged row stood for.
+    fn push_first_seen(
+        &mut self,
+        (email, audience_id): &(String, String),
+        member: &MemberRow,
+        seen_at: Option<DateTime<Utc>>,
+    ) {
+        self.emails.push(email.clone());
+        self.audiences.push(audience_id.clone());
+        self.from.push(None);
+        self.to.push(member.status.as_str());
+        self.times.push(member.last_changed);
+        self.sources.push(member.learned_from.clone());
+        self.seen.push(seen_at);
     }
 
     async fn write(&self, connection: &mut PgConnection) -> Result<()> {
@@ -504,10 +562,10 @@ impl Transitions {
         // In email order (keeping each email's own order, so its ids still follow it): the rows
         // then go into the email index page by page instead of all over it.
         sqlx::query(
-            "INSERT INTO transitions (email, audience_id, from_status, to_status, last_changed, learned_from) \
-             SELECT email, audience_id, from_status, to_status, last_changed, learned_from \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[]) \
-               WITH ORDINALITY AS u(email, audience_id, from_status, to_status, last_changed, learned_from, position) \
+            "INSERT INTO transitions (email, audience_id, from_status, to_status, last_changed, learned_from, seen_at) \
+             SELECT email, audience_id, from_status, to_status, last_changed, learned_from, coalesce(seen_at, now()) \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::timestamptz[]) \
+               WITH ORDINALITY AS u(email, audience_id, from_status, to_status, last_changed, learned_from, seen_at, position) \
              ORDER BY email, position",
         )
         .bind(&self.emails)
@@ -516,6 +574,7 @@ impl Transitions {
         .bind(&self.to)
         .bind(&self.times)
         .bind(&self.sources)
+        .bind(&self.seen)
         .execute(connection)
         .await?;
         Ok(())
@@ -896,22 +955,35 @@ pub async fn explain(
         .await?
         .pop()
         .unwrap_or_else(|| StoredDecision::unknown(email.clone()));
-    let members = sqlx::query(
-        "SELECT audience_id, status, last_changed, learned_from FROM members WHERE email = $1 ORDER BY audience_id",
+    let mut members = Vec::new();
+    // First-seen transitions still stood for by their members' unchanged rows.
+    let mut first_seen = Vec::new();
+    let rows = sqlx::query(
+        "SELECT audience_id, status, last_changed, learned_from, first_seen_at FROM members \
+         WHERE email = $1 ORDER BY audience_id",
     )
     .bind(&email)
     .fetch_all(pool)
-    .await?
-    .into_iter()
-    .map(|row| {
-        Ok(StoredMember {
+    .await?;
+    for row in rows {
+        let member = StoredMember {
             audience_id: row.try_get("audience_id")?,
             status: row.try_get("status")?,
             last_changed: row.try_get("last_changed")?,
             learned_from: row.try_get("learned_from")?,
-        })
-    })
-    .collect::<Result<Vec<_>>>()?;
+        };
+        if let Some(seen_at) = row.try_get("first_seen_at")? {
+            first_seen.push(StoredTransition {
+                audience_id: member.audience_id.clone(),
+                from_status: String::new(),
+                to_status: member.status.clone(),
+                last_changed: member.last_changed,
+                seen_at,
+                learned_from: member.learned_from.clone(),
+            });
+        }
+        members.push(member);
+    }
     let mut transitions = sqlx::query(
         "SELECT audience_id, from_status, to_status, last_changed, seen_at, learned_from FROM transitions \
          WHERE email = $1 ORDER BY id DESC LIMIT $2",
@@ -933,6 +1005,14 @@ pub async fn explain(
     })
     .collect::<Result<Vec<_>>>()?;
     transitions.reverse();
+    // Merged by when they were seen (a stable sort keeps the log's own order among equals), then
+    // the most recent `limit`.
+    transitions.extend(first_seen);
+    transitions.sort_by_key(|transition| transition.seen_at);
+    let excess = transitions
+        .len()
+        .saturating_sub(usize::try_from(limit).unwrap_or(0));
+    transitions.drain(..excess);
     Ok((decision, members, transitions))
 }
 

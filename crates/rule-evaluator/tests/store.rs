@@ -1,5 +1,6 @@
-//! `store::apply_batch` against the local PostgreSQL, in a schema of its own: a batch that meets a
-//! person another writer is creating at the same moment.
+//! `store::apply_batch` against the local PostgreSQL, each test in a schema of its own: a batch
+//! that meets a person another writer is creating at the same moment, and the history Explain
+//! shows of members first seen and changed later.
 
 use std::time::Duration;
 
@@ -122,5 +123,170 @@ async fn race(pool: &sqlx::PgPool) -> anyhow::Result<()> {
             .fetch_one(pool)
             .await?;
     assert_eq!(members, 2, "both audiences' members are kept");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_first_seen_member_is_logged_by_its_row_until_it_changes() -> anyhow::Result<()> {
+    let schema = format!("t_store_{}", uuid::Uuid::new_v4().simple());
+    let pool = store::connect(&SecretString::from(DATABASE_URL), &schema, 2)
+        .await
+        .context("PostgreSQL must run on 127.0.0.1:5432")?;
+    let result = first_seen_history(&pool).await;
+    pool.close().await;
+    let mut database = sqlx::PgConnection::connect(DATABASE_URL).await?;
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE"#
+    )))
+    .execute(&mut database)
+    .await?;
+    result
+}
+
+fn snapshot(
+    email: &str,
+    audience_id: &str,
+    status: MemberStatus,
+    seconds: i64,
+    learned_from: &'static str,
+) -> anyhow::Result<Snapshot> {
+    Ok(Snapshot {
+        email: email.to_owned(),
+        audience_id: audience_id.to_owned(),
+        status,
+        last_changed: Utc
+            .timestamp_opt(1_700_000_000 + seconds, 0)
+            .single()
+            .context("time")?,
+        learned_from,
+        first_sync: true,
+    })
+}
+
+/// `(audience, from, to, learned from, last_changed)` of each transition Explain shows, oldest
+/// first, and the seen times apart.
+type History = (
+    Vec<(String, String, String, String, i64)>,
+    Vec<chrono::DateTime<Utc>>,
+);
+
+async fn history(pool: &sqlx::PgPool, email: &str, limit: i64) -> anyhow::Result<History> {
+    let (_, _, transitions) = store::explain(pool, email, limit).await?;
+    Ok((
+        transitions
+            .iter()
+            .map(|transition| {
+                (
+                    transition.audience_id.clone(),
+                    transition.from_status.clone(),
+                    transition.to_status.clone(),
+                    transition.learned_from.clone(),
+                    transition.last_changed.timestamp() - 1_700_000_000,
+                )
+            })
+            .collect(),
+        transitions
+            .iter()
+            .map(|transition| transition.seen_at)
+            .collect(),
+    ))
+}
+
+async fn logged(pool: &sqlx::PgPool, email: &str) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM transitions WHERE email = $1")
+            .bind(email)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+async fn first_seen_history(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    use MemberStatus::{Subscribed, Unsubscribed};
+    let scope = &Scope::from_audiences(Vec::<String>::new());
+    let apply = |snapshots: Vec<Snapshot>| async move {
+        store::apply_batch(pool, scope, &snapshots, &FirstSyncHold::default()).await
+    };
+    let entry = |audience: &str, from: &str, to: &str, source: &str, seconds: i64| {
+        (
+            audience.to_owned(),
+            from.to_owned(),
+            to.to_owned(),
+            source.to_owned(),
+            seconds,
+        )
+    };
+
+    // First seen in two audiences: nothing goes to the log, Explain shows both from the rows.
+    apply(vec![
+        snapshot("a@example.com", "aud1", Subscribed, 0, "poll")?,
+        snapshot("a@example.com", "aud2", Unsubscribed, 0, "poll")?,
+    ])
+    .await?;
+    assert_eq!(logged(pool, "a@example.com").await?, 0);
+    let (first, first_seen) = history(pool, "a@example.com", 50).await?;
+    assert_eq!(
+        first,
+        [
+            entry("aud1", "", "subscribed", "poll", 0),
+            entry("aud2", "", "unsubscribed", "poll", 0)
+        ]
+    );
+
+    // aud1 changes: its first-seen transition is logged as it was shown, then the change.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    apply(vec![snapshot(
+        "a@example.com",
+        "aud1",
+        Unsubscribed,
+        60,
+        "webhook",
+    )?])
+    .await?;
+    assert_eq!(logged(pool, "a@example.com").await?, 2);
+    let (changed, changed_seen) = history(pool, "a@example.com", 50).await?;
+    let mut expected = first.clone();
+    expected.push(entry("aud1", "subscribed", "unsubscribed", "webhook", 60));
+    assert_eq!(changed, expected);
+    assert_eq!(changed_seen[..2], first_seen[..], "first seen times kept");
+    assert!(changed_seen[2] > first_seen[1]);
+
+    // aud2 is seen again with the same status and a newer time: no transition, but the row
+    // changes, so the first-seen transition it stood for is logged, unchanged.
+    apply(vec![snapshot(
+        "a@example.com",
+        "aud2",
+        Unsubscribed,
+        120,
+        "poll",
+    )?])
+    .await?;
+    assert_eq!(logged(pool, "a@example.com").await?, 3);
+    assert_eq!(history(pool, "a@example.com", 50).await?.0, expected);
+    // The most recent ones only, when asked for fewer.
+    assert_eq!(
+        history(pool, "a@example.com", 2).await?.0,
+        expected[1..].to_vec()
+    );
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM members WHERE first_seen_at IS NOT NULL")
+            .fetch_one(pool)
+            .await?;
+    assert_eq!(pending, 0);
+
+    // A member first seen and changed within one batch: both are logged, in order.
+    apply(vec![
+        snapshot("b@example.com", "aud1", Subscribed, 0, "poll")?,
+        snapshot("b@example.com", "aud1", Unsubscribed, 30, "webhook")?,
+    ])
+    .await?;
+    assert_eq!(logged(pool, "b@example.com").await?, 2);
+    assert_eq!(
+        history(pool, "b@example.com", 50).await?.0,
+        [
+            entry("aud1", "", "subscribed", "poll", 0),
+            entry("aud1", "subscribed", "unsubscribed", "webhook", 30)
+        ]
+    );
     Ok(())
 }
