@@ -955,16 +955,32 @@ async fn a_pass_larger_than_a_plan_slice_reads_per_slice_and_writes_once_per_obj
     }
 
     let before = app.salesforce_calls().await?;
-    let refs: Vec<&str> = emails.iter().map(String::as_str).collect();
     // Without a trace of its own (no exporter here), each audit row names the trace of the
-    // message that carried its email.
-    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let mut headers = lapin::types::FieldTable::default();
-    headers.insert(
-        "traceparent".into(),
-        lapin::types::AMQPValue::LongString(format!("00-{trace_id}-00f067aa0ba902b7-01").into()),
-    );
-    app.publish_with(&refs, &headers).await?;
+    // message that carried its email: alternate emails come in messages of two traces.
+    let traces = [
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "0af7651916cd43dd8448eb211c80319c",
+    ];
+    let trace_of = |email: &str| {
+        let index = emails.iter().position(|candidate| candidate == email);
+        traces[index.unwrap_or(0) % 2]
+    };
+    for (parity, trace_id) in traces.iter().enumerate() {
+        let refs: Vec<&str> = emails
+            .iter()
+            .skip(parity)
+            .step_by(2)
+            .map(String::as_str)
+            .collect();
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "traceparent".into(),
+            lapin::types::AMQPValue::LongString(
+                format!("00-{trace_id}-00f067aa0ba902b7-01").into(),
+            ),
+        );
+        app.publish_with(&refs, &headers).await?;
+    }
     wait_for_value(&app, &to_check, true).await?;
     app.wait_idle().await?;
     let after = app.salesforce_calls().await?;
@@ -982,9 +998,11 @@ async fn a_pass_larger_than_a_plan_slice_reads_per_slice_and_writes_once_per_obj
     for email in &to_check {
         let rows = app.audit_rows(email).await?;
         assert_eq!(rows.len(), 2, "audit rows of {email}: {rows:?}");
+        let trace_id = trace_of(email).to_owned();
         assert_eq!(
             app.audit_trace_ids(email).await?,
-            [Some(trace_id.to_owned()), Some(trace_id.to_owned())]
+            [Some(trace_id.clone()), Some(trace_id)],
+            "{email}"
         );
     }
     for (email, _) in &evidence {
