@@ -145,6 +145,55 @@ impl Running {
         }
     }
 
+    /// A bulk-batching consumer of `members.changed` that sends each batch's ids, in order, to
+    /// the returned receiver and acknowledges the batch.
+    fn start_batches(
+        broker: &Broker,
+        bulk: optout_amqp::BulkBatching,
+    ) -> (Self, mpsc::UnboundedReceiver<Vec<String>>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let (paused, paused_receiver) = watch::channel(false);
+        let in_flight = Arc::new(AtomicU64::new(0));
+        let options = ConsumeOptions {
+            prefetch: 100,
+            max_batch: 100,
+            max_wait: Duration::from_millis(50),
+            paused: paused_receiver,
+            in_flight: in_flight.clone(),
+            bulk: Some(bulk),
+        };
+        let connection = broker.connection.clone();
+        let topology = broker.topology.clone();
+        let queue = topology.members_changed_queue();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            consume(
+                &connection,
+                &topology,
+                &queue,
+                options,
+                token,
+                move |batch: Vec<Message<Ping>>| {
+                    let ids: Vec<String> = batch
+                        .iter()
+                        .map(|message| message.body.id.clone())
+                        .collect();
+                    let _ = sender.send(ids);
+                    async move { vec![Outcome::Ack; batch.len()] }
+                },
+            )
+            .await
+        });
+        let running = Self {
+            shutdown,
+            paused,
+            in_flight,
+            task,
+        };
+        (running, receiver)
+    }
+
     async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         tokio::time::timeout(DEADLINE, self.task).await???;
@@ -615,43 +664,14 @@ async fn bulk_batching_gathers_a_stream_and_an_urgent_message_closes_its_batch_e
 -> anyhow::Result<()> {
     let broker = Broker::start().await?;
     let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
-    let (sender, mut receiver) = mpsc::unbounded_channel();
-    let shutdown = CancellationToken::new();
-    let (_paused, paused_receiver) = watch::channel(false);
-    let options = ConsumeOptions {
-        prefetch: 100,
-        max_batch: 100,
-        max_wait: Duration::from_millis(50),
-        paused: paused_receiver,
-        in_flight: Arc::new(AtomicU64::new(0)),
-        // Generous, so a loaded machine never splits the stream below by accident.
-        bulk: Some(optout_amqp::BulkBatching {
+    // Generous, so a loaded machine never splits the stream below by accident.
+    let (running, mut receiver) = Running::start_batches(
+        &broker,
+        optout_amqp::BulkBatching {
             idle: Duration::from_secs(1),
             max_wait: Duration::from_secs(20),
-        }),
-    };
-    let connection = broker.connection.clone();
-    let topology = broker.topology.clone();
-    let queue = topology.members_changed_queue();
-    let token = shutdown.clone();
-    let task = tokio::spawn(async move {
-        consume(
-            &connection,
-            &topology,
-            &queue,
-            options,
-            token,
-            move |batch: Vec<Message<Ping>>| {
-                let ids: Vec<String> = batch
-                    .iter()
-                    .map(|message| message.body.id.clone())
-                    .collect();
-                let _ = sender.send(ids);
-                async move { vec![Outcome::Ack; batch.len()] }
-            },
-        )
-        .await
-    });
+        },
+    );
     // A sync's stream, a message every 20 ms for 300 ms: far longer than `max_wait`, yet one batch.
     for index in 0..15 {
         publish_ping(&publisher, &format!("s{index}"), false).await?;
@@ -678,8 +698,7 @@ async fn bulk_batching_gathers_a_stream_and_an_urgent_message_closes_its_batch_e
         seen += next_batch(&mut receiver).await?.len();
     }
     assert_eq!(seen, 41);
-    shutdown.cancel();
-    task.await??;
+    running.stop().await?;
     broker.teardown().await
 }
 
@@ -713,43 +732,14 @@ async fn publish_flush(publisher: &Publisher, id: &str) -> anyhow::Result<()> {
 async fn a_flush_closes_a_bulk_batch_at_once() -> anyhow::Result<()> {
     let broker = Broker::start().await?;
     let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
-    let (sender, mut receiver) = mpsc::unbounded_channel();
-    let shutdown = CancellationToken::new();
-    let (_paused, paused_receiver) = watch::channel(false);
-    let options = ConsumeOptions {
-        prefetch: 100,
-        max_batch: 100,
-        max_wait: Duration::from_millis(50),
-        paused: paused_receiver,
-        in_flight: Arc::new(AtomicU64::new(0)),
-        // Windows far beyond the test's deadline: only the flush can close these batches in time.
-        bulk: Some(optout_amqp::BulkBatching {
+    // Windows far beyond the test's deadline: only the flush can close these batches in time.
+    let (running, mut receiver) = Running::start_batches(
+        &broker,
+        optout_amqp::BulkBatching {
             idle: DEADLINE * 4,
             max_wait: DEADLINE * 8,
-        }),
-    };
-    let connection = broker.connection.clone();
-    let topology = broker.topology.clone();
-    let queue = topology.members_changed_queue();
-    let token = shutdown.clone();
-    let task = tokio::spawn(async move {
-        consume(
-            &connection,
-            &topology,
-            &queue,
-            options,
-            token,
-            move |batch: Vec<Message<Ping>>| {
-                let ids: Vec<String> = batch
-                    .iter()
-                    .map(|message| message.body.id.clone())
-                    .collect();
-                let _ = sender.send(ids);
-                async move { vec![Outcome::Ack; batch.len()] }
-            },
-        )
-        .await
-    });
+        },
+    );
     for index in 0..5 {
         publish_ping(&publisher, &format!("s{index}"), false).await?;
     }
@@ -764,8 +754,7 @@ async fn a_flush_closes_a_bulk_batch_at_once() -> anyhow::Result<()> {
     );
     assert_eq!(next_batch(&mut receiver).await?, ["t0", "end2"]);
     assert_eq!(next_batch(&mut receiver).await?, ["end3"]);
-    shutdown.cancel();
-    task.await??;
+    running.stop().await?;
     broker.teardown().await
 }
 
@@ -773,43 +762,14 @@ async fn a_flush_closes_a_bulk_batch_at_once() -> anyhow::Result<()> {
 async fn a_stream_batch_waits_past_pauses_for_its_flush() -> anyhow::Result<()> {
     let broker = Broker::start().await?;
     let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
-    let (sender, mut receiver) = mpsc::unbounded_channel();
-    let shutdown = CancellationToken::new();
-    let (_paused, paused_receiver) = watch::channel(false);
-    let options = ConsumeOptions {
-        prefetch: 100,
-        max_batch: 100,
-        max_wait: Duration::from_millis(50),
-        paused: paused_receiver,
-        in_flight: Arc::new(AtomicU64::new(0)),
-        // A short idle window, which the pauses below outlast; a longest wait beyond the deadline.
-        bulk: Some(optout_amqp::BulkBatching {
+    // A short idle window, which the pauses below outlast; a longest wait beyond the deadline.
+    let (running, mut receiver) = Running::start_batches(
+        &broker,
+        optout_amqp::BulkBatching {
             idle: Duration::from_millis(100),
             max_wait: DEADLINE * 8,
-        }),
-    };
-    let connection = broker.connection.clone();
-    let topology = broker.topology.clone();
-    let queue = topology.members_changed_queue();
-    let token = shutdown.clone();
-    let task = tokio::spawn(async move {
-        consume(
-            &connection,
-            &topology,
-            &queue,
-            options,
-            token,
-            move |batch: Vec<Message<Ping>>| {
-                let ids: Vec<String> = batch
-                    .iter()
-                    .map(|message| message.body.id.clone())
-                    .collect();
-                let _ = sender.send(ids);
-                async move { vec![Outcome::Ack; batch.len()] }
-            },
-        )
-        .await
-    });
+        },
+    );
     // A stream with pauses of three idle windows: one batch, closed by its flush.
     for index in 0..3 {
         publish_stream_ping(&publisher, &format!("s{index}")).await?;
@@ -817,8 +777,7 @@ async fn a_stream_batch_waits_past_pauses_for_its_flush() -> anyhow::Result<()> 
     }
     publish_flush(&publisher, "end").await?;
     assert_eq!(next_batch(&mut receiver).await?, ["s0", "s1", "s2", "end"]);
-    shutdown.cancel();
-    task.await??;
+    running.stop().await?;
     broker.teardown().await
 }
 
