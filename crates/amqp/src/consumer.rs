@@ -208,8 +208,38 @@ where
         metrics,
     };
     let mut paused = options.paused.clone();
+    let result = consume_sessions(
+        connection,
+        &worker,
+        &options,
+        &mut paused,
+        &shutdown,
+        &mut handler,
+    )
+    .await;
+    // Closed here rather than dropped: lapin closes a dropped channel in the background, where a
+    // close racing the service's connection close errors the whole connection.
+    close_quietly(&worker.dead_letter_channel).await;
+    result
+}
+
+/// Runs consume sessions, one per pause, until shutdown or a broker error.
+async fn consume_sessions<M, F, Fut>(
+    connection: &Connection,
+    worker: &Worker<'_>,
+    options: &ConsumeOptions,
+    paused: &mut watch::Receiver<bool>,
+    shutdown: &CancellationToken,
+    handler: &mut F,
+) -> Result<()>
+where
+    M: Body,
+    F: FnMut(Vec<Message<M>>) -> Fut + Send,
+    Fut: Future<Output = Vec<Outcome>> + Send,
+{
+    let queue = worker.queue;
     loop {
-        if !wait_until_resumed(&mut paused, &shutdown).await {
+        if !wait_until_resumed(paused, shutdown).await {
             return Ok(());
         }
         // A channel per session: closing it at the end returns every delivery the broker pushed ahead
@@ -218,15 +248,7 @@ where
             .create_channel()
             .await
             .map_err(Error::amqp("channel.open", queue))?;
-        let session = run_session(
-            &channel,
-            &worker,
-            &options,
-            &mut paused,
-            &shutdown,
-            &mut handler,
-        )
-        .await;
+        let session = run_session(&channel, worker, options, paused, shutdown, handler).await;
         close_quietly(&channel).await;
         match session? {
             SessionEnd::Shutdown => return Ok(()),

@@ -26,6 +26,7 @@ use std::{io::Write, net::SocketAddr, sync::Arc, time::Duration};
 use optout_amqp::Topology;
 use optout_mailchimp::{MailchimpClient, MailchimpConfig};
 use optout_proto::admin::v1::admin_server::AdminServer;
+use optout_service::signal::{CLOSE_STEP_LIMIT, close_step};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::{net::TcpListener, sync::OnceCell};
@@ -230,21 +231,26 @@ pub async fn serve_with_listeners(
     }
     server_stop.cancel();
     realtime_wiring::stop_http(http_stop, http_server).await;
-    if let Ok(Err(error)) = metrics_server.await {
-        warn!(%error, "metrics server failed");
+    let abort_metrics = metrics_server.abort_handle();
+    match close_step("metrics server", CLOSE_STEP_LIMIT, metrics_server).await {
+        Some(Ok(Err(error))) => warn!(%error, "metrics server failed"),
+        None => abort_metrics.abort(),
+        Some(_) => {}
     }
     let served = match server_result {
         Some(result) => flatten_server(result),
         None => join_server(server).await,
     };
-    if let Err(error) = resources
-        .amqp
-        .close(200, "fetcher shutting down".into())
-        .await
-    {
+    let closed = close_step(
+        "rabbitmq connection",
+        CLOSE_STEP_LIMIT,
+        resources.amqp.close(200, "fetcher shutting down".into()),
+    )
+    .await;
+    if let Some(Err(error)) = closed {
         warn!(%error, "failed to close the rabbitmq connection");
     }
-    resources.pool.close().await;
+    close_step("database pool", CLOSE_STEP_LIMIT, resources.pool.close()).await;
     served?;
     if lost {
         return Err(Error::AmqpConnectionLost);
@@ -255,7 +261,14 @@ pub async fn serve_with_listeners(
 async fn join_server(
     server: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
 ) -> Result<()> {
-    flatten_server(server.await)
+    let abort = server.abort_handle();
+    match close_step("grpc server", CLOSE_STEP_LIMIT, server).await {
+        Some(result) => flatten_server(result),
+        None => {
+            abort.abort();
+            Ok(())
+        }
+    }
 }
 
 fn flatten_server(

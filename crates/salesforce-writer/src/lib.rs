@@ -44,6 +44,7 @@ use crate::plan::SfObject;
 use crate::records::RecordsService;
 use crate::store::Store;
 use crate::writer::Writer;
+use optout_service::signal::{CLOSE_STEP_LIMIT, close_step};
 use optout_service::{AttachBearer, RequireBearer};
 
 /// Errors of the writer.
@@ -282,18 +283,33 @@ pub async fn serve_with_metrics(
     let result = start_and_work(&config, &state_cell, &health, &observability, &shutdown).await;
     optout_service::health::set_all(&health, &HEALTH_SERVICES, ServingStatus::NotServing).await;
     grpc_stop.cancel();
-    match grpc.await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "grpc server ended with an error"),
-        Err(error) => tracing::warn!(%error, "grpc server task failed"),
+    let abort_grpc = grpc.abort_handle();
+    match close_step("grpc server", CLOSE_STEP_LIMIT, grpc).await {
+        Some(Ok(Ok(()))) => {}
+        Some(Ok(Err(error))) => tracing::warn!(%error, "grpc server ended with an error"),
+        Some(Err(error)) => tracing::warn!(%error, "grpc server task failed"),
+        None => abort_grpc.abort(),
     }
     metrics_stop.cancel();
-    if let Ok(Err(error)) = metrics_server.await {
-        tracing::warn!(%error, "metrics server failed");
+    let abort_metrics = metrics_server.abort_handle();
+    match close_step("metrics server", CLOSE_STEP_LIMIT, metrics_server).await {
+        Some(Ok(Err(error))) => tracing::warn!(%error, "metrics server failed"),
+        None => abort_metrics.abort(),
+        Some(_) => {}
     }
     if let Some(state) = state_cell.get() {
-        state.writer.store.close().await;
-        drop(state.amqp.close(200, "shutdown".into()).await);
+        close_step(
+            "database pool",
+            CLOSE_STEP_LIMIT,
+            state.writer.store.close(),
+        )
+        .await;
+        close_step(
+            "rabbitmq connection",
+            CLOSE_STEP_LIMIT,
+            state.amqp.close(200, "shutdown".into()),
+        )
+        .await;
     }
     result
 }

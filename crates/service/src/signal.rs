@@ -53,3 +53,48 @@ pub async fn next_signal() -> &'static str {
         _ = interrupt.recv() => "SIGINT",
     }
 }
+
+/// How long each step of closing down after the drain may take: stopping the gRPC and metrics
+/// servers, closing the database pool and the RabbitMQ connection. Each is milliseconds when all
+/// is well.
+pub const CLOSE_STEP_LIMIT: Duration = Duration::from_secs(5);
+
+/// Runs one step of closing down, giving up after `limit` with a warning naming `step`.
+///
+/// Why: a closing step can wait on something that no longer answers. A pool close waits for
+/// every connection a task still holds (one that outlived the grace period), and lapin's
+/// connection close waits for a close-ok that never comes if a late reply errors the connection
+/// while it closes. Once the drain is over nothing is left to save, so a step that hangs must not
+/// keep the service from returning.
+pub async fn close_step<F: std::future::Future>(
+    step: &'static str,
+    limit: Duration,
+    future: F,
+) -> Option<F::Output> {
+    match tokio::time::timeout(limit, future).await {
+        Ok(output) => Some(output),
+        Err(_) => {
+            tracing::warn!(
+                step,
+                limit_ms = limit.as_millis() as u64,
+                "closing step did not finish in time, going on without it"
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_closing_step_that_hangs_is_given_up_after_its_limit() {
+        let limit = Duration::from_millis(50);
+        let started = tokio::time::Instant::now();
+        let output = close_step("hangs", limit, std::future::pending::<()>()).await;
+        assert_eq!(output, None);
+        assert!(started.elapsed() >= limit);
+        assert_eq!(close_step("answers", limit, async { 7 }).await, Some(7));
+    }
+}
