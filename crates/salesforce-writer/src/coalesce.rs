@@ -101,20 +101,21 @@ impl Coalescer {
 
     /// Writes the emails of one partition's batch, together with whatever the other partitions
     /// hand in meanwhile, and says what to do with each message.
-    pub(crate) async fn handle_batch(&self, messages: &[Message<PersonsDirty>]) -> Vec<Outcome> {
-        let emails = writer::dirty_emails(messages);
-        if emails.is_empty() {
-            // Only flushes (or empty notifications): nothing to write, no pass to wait for.
-            return writer::outcomes(messages, &Ok(Arc::default()));
-        }
-        let (reply, answer) = oneshot::channel();
+    pub(crate) async fn handle_batch(&self, messages: Vec<Message<PersonsDirty>>) -> Vec<Outcome> {
         // A flush ends a sync's stream: the other partitions' batches of it close on their own
         // flushes now, so the pass need not wait out their windows.
         let urgent = messages.iter().any(|message| {
             optout_amqp::is_urgent(&message.headers) || optout_amqp::is_flush(&message.headers)
         });
+        let count = messages.len() as u64;
+        let writer::DirtyBatch { emails, keys } = writer::dirty_batch(messages);
+        if emails.is_empty() {
+            // Only flushes (or empty notifications): nothing to write, no pass to wait for.
+            return writer::outcomes(&keys, &Ok(Arc::default()));
+        }
+        let (reply, answer) = oneshot::channel();
         let submission = Submission {
-            messages: messages.len() as u64,
+            messages: count,
             urgent,
             emails,
             span: tracing::Span::current(),
@@ -127,7 +128,7 @@ impl Coalescer {
                 .await
                 .unwrap_or_else(|_| Err("the write pass ended without an answer".to_owned()))
         };
-        writer::outcomes(messages, &answer)
+        writer::outcomes(&keys, &answer)
     }
 }
 

@@ -53,7 +53,7 @@ pub(crate) fn report(objects: &[SfObject], planned: Vec<Change>, scanned: usize)
                 email: change.email,
                 old_value: change.old,
                 new_value: change.new,
-                reason: change.reason,
+                reason: change.reason.to_string(),
             });
         }
     }
@@ -74,8 +74,9 @@ mod tests {
             email: format!("{id}@example.com"),
             old: !new,
             new,
-            reason: "all unsubscribed".to_owned(),
+            reason: std::sync::Arc::from("all unsubscribed"),
             version: 1,
+            opted_out_at: None,
         }
     }
 

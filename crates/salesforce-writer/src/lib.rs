@@ -586,7 +586,7 @@ async fn consume_partition(
             state.shutdown.clone(),
             move |messages| {
                 let coalescer = coalescer.clone();
-                async move { coalescer.handle_batch(&messages).await }
+                async move { coalescer.handle_batch(messages).await }
             },
         )
         .await;

@@ -41,8 +41,33 @@ pub(crate) struct WriterMetrics {
     api_remaining: Gauge,
     /// Calls of the Salesforce client, by endpoint and status.
     pub(crate) api_calls: ApiCalls,
-    /// Opt-outs taken in hand and not yet written: email to its Mailchimp opt-out time.
-    pending: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// Opt-outs taken in hand and not yet written.
+    in_hand: Mutex<InHand>,
+}
+
+/// The opt-outs behind the oldest-unwritten gauge. A pass under way counts as one entry, its
+/// oldest opt-out, rather than one per email: a first sync's pass holds tens of thousands.
+#[derive(Debug, Default)]
+struct InHand {
+    /// The oldest opt-out of each pass under way, by pass number.
+    passes: HashMap<u64, DateTime<Utc>>,
+    next_pass: u64,
+    /// Opt-outs a pass ended without writing (records still failing or rejected), by email,
+    /// until a later pass writes them.
+    emails: HashMap<String, DateTime<Utc>>,
+}
+
+/// A pass's opt-outs, in hand until it is dropped at the end of the pass.
+#[derive(Debug)]
+pub(crate) struct PassInHand<'a> {
+    metrics: &'a WriterMetrics,
+    pass: u64,
+}
+
+impl Drop for PassInHand<'_> {
+    fn drop(&mut self) {
+        self.metrics.in_hand().passes.remove(&self.pass);
+    }
 }
 
 impl Default for WriterMetrics {
@@ -55,7 +80,7 @@ impl Default for WriterMetrics {
             oldest_unwritten: Gauge::default(),
             api_remaining: Gauge::default(),
             api_calls: ApiCalls::default(),
-            pending: Mutex::new(HashMap::new()),
+            in_hand: Mutex::new(InHand::default()),
         }
     }
 }
@@ -97,22 +122,43 @@ impl WriterMetrics {
             i64::try_from(usage.max.saturating_sub(usage.used)).unwrap_or(i64::MAX)
         });
         self.api_remaining.set(remaining);
-        let oldest = self.pending().values().min().copied();
+        let oldest = {
+            let in_hand = self.in_hand();
+            in_hand
+                .passes
+                .values()
+                .chain(in_hand.emails.values())
+                .min()
+                .copied()
+        };
         let age = oldest.map_or(0.0, |opted_out_at| {
             (Utc::now() - opted_out_at).num_milliseconds().max(0) as f64 / 1000.0
         });
         self.oldest_unwritten.set(age);
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, DateTime<Utc>>> {
-        self.pending
+    fn in_hand(&self) -> std::sync::MutexGuard<'_, InHand> {
+        self.in_hand
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// An opt-out of `email` is about to be written.
-    pub(crate) fn opt_out_in_hand(&self, email: &str, opted_out_at: DateTime<Utc>) {
-        self.pending()
+    /// A pass is about to write opt-outs, the oldest of which became effective at `oldest`.
+    pub(crate) fn pass_in_hand(&self, oldest: DateTime<Utc>) -> PassInHand<'_> {
+        let mut in_hand = self.in_hand();
+        let pass = in_hand.next_pass;
+        in_hand.next_pass = pass.wrapping_add(1);
+        in_hand.passes.insert(pass, oldest);
+        PassInHand {
+            metrics: self,
+            pass,
+        }
+    }
+
+    /// A pass ends without having written the opt-out of `email`.
+    pub(crate) fn still_in_hand(&self, email: &str, opted_out_at: DateTime<Utc>) {
+        self.in_hand()
+            .emails
             .entry(email.to_owned())
             .and_modify(|earliest| *earliest = (*earliest).min(opted_out_at))
             .or_insert(opted_out_at);
@@ -120,7 +166,17 @@ impl WriterMetrics {
 
     /// Every record of `email` now carries its target value.
     pub(crate) fn settled(&self, email: &str) {
-        self.pending().remove(email);
+        let mut in_hand = self.in_hand();
+        if !in_hand.emails.is_empty() {
+            in_hand.emails.remove(email);
+        }
+    }
+
+    /// The age of the oldest opt-out in hand, as the gauge shows it after a refresh.
+    #[cfg(test)]
+    fn oldest_unwritten(&self) -> f64 {
+        self.refresh(None);
+        self.oldest_unwritten.get()
     }
 
     /// One record written; `opted_out_at` is set for an opt-out write.
@@ -144,5 +200,32 @@ impl WriterMetrics {
                 error_code: error_code.to_owned(),
             })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_counts_until_it_ends_and_an_email_it_left_unwritten_until_written() {
+        let metrics = WriterMetrics::default();
+        assert_eq!(metrics.oldest_unwritten(), 0.0);
+        let now = Utc::now();
+        let hour_ago = now - chrono::Duration::hours(1);
+        let pass = metrics.pass_in_hand(hour_ago);
+        let other = metrics.pass_in_hand(now);
+        assert!(metrics.oldest_unwritten() >= 3600.0);
+        // The pass leaves one of its opt-outs unwritten.
+        metrics.still_in_hand("ann@example.com", hour_ago - chrono::Duration::hours(1));
+        drop(pass);
+        assert!(metrics.oldest_unwritten() >= 7200.0);
+        metrics.settled("bob@example.com");
+        assert!(metrics.oldest_unwritten() >= 7200.0);
+        metrics.settled("ann@example.com");
+        let age = metrics.oldest_unwritten();
+        assert!((0.0..3600.0).contains(&age), "{age}");
+        drop(other);
+        assert_eq!(metrics.oldest_unwritten(), 0.0);
     }
 }

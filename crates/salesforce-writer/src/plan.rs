@@ -5,9 +5,10 @@
 //! opt-in asks for an unchecked box only when it carries opt-in evidence, anything else asks for
 //! nothing. No other function can produce a `false` target.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use optout_proto::evaluator::v1::{Decision, PersonDecision};
@@ -126,12 +127,16 @@ pub struct Target {
     pub email: String,
     /// `true`: the box must be checked; `false`: it must be unchecked.
     pub opted_out: bool,
-    /// The evaluator's rule, recorded in the audit log.
-    pub rule: String,
+    /// The evaluator's rule, recorded in the audit log. Shared: a pass's thousands of targets
+    /// name a handful of rules.
+    pub rule: Arc<str>,
     /// The decision's version, compared after writing to detect a decision that moved.
     pub version: i64,
     /// Opt-in evidence to acknowledge once the uncheck is written; 0 for opt-outs.
     pub evidence_id: i64,
+    /// For an opt-out, when it became effective in Mailchimp: the start of the opt-out latency
+    /// and of the oldest-unwritten gauge.
+    pub opted_out_at: Option<DateTime<Utc>>,
 }
 
 /// The asymmetry: OPT_OUT → checked; OPT_IN with evidence → unchecked; anything else → no target.
@@ -142,27 +147,44 @@ pub fn target_for(decision: &PersonDecision) -> Option<Target> {
         Ok(Decision::OptIn) if decision.opt_in_evidence_id != 0 => false,
         _ => return None,
     };
+    let opted_out_at = decision
+        .opted_out_at
+        .as_ref()
+        .filter(|_| opted_out)
+        .and_then(|time| {
+            DateTime::<Utc>::from_timestamp(time.seconds, u32::try_from(time.nanos).unwrap_or(0))
+        });
     Some(Target {
         email: normalize_email(&decision.email),
         opted_out,
-        rule: decision.rule.clone(),
+        rule: Arc::from(decision.rule.as_str()),
         version: decision.version,
         evidence_id: if opted_out {
             0
         } else {
             decision.opt_in_evidence_id
         },
+        opted_out_at,
     })
 }
 
 /// Targets by normalised email. With `opt_out_only` (the Salesforce poll) opt-ins are ignored:
 /// only the dirty path acts on opt-in evidence.
 pub fn targets(decisions: &[PersonDecision], opt_out_only: bool) -> BTreeMap<String, Target> {
+    let mut rules: HashMap<Arc<str>, Arc<str>> = HashMap::new();
     decisions
         .iter()
         .filter_map(target_for)
         .filter(|target| !opt_out_only || target.opted_out)
-        .map(|target| (target.email.clone(), target))
+        .map(|mut target| {
+            // One copy of each rule's text, shared by its targets and their changes.
+            target.rule = Arc::clone(
+                rules
+                    .entry(Arc::clone(&target.rule))
+                    .or_insert_with(|| Arc::clone(&target.rule)),
+            );
+            (target.email.clone(), target)
+        })
         .collect()
 }
 
@@ -217,9 +239,11 @@ pub struct Change {
     /// Value written.
     pub new: bool,
     /// Why (the evaluator's rule).
-    pub reason: String,
+    pub reason: Arc<str>,
     /// The version of the decision it was planned from, compared after writing.
     pub version: i64,
+    /// For an opt-out, when it became effective in Mailchimp (see [`Target::opted_out_at`]).
+    pub opted_out_at: Option<DateTime<Utc>>,
 }
 
 /// Records whose value differs from their email's target, each record once, in a stable order.
@@ -240,8 +264,9 @@ pub fn diff(targets: &BTreeMap<String, Target>, records: &[CurrentRecord]) -> Ve
             email: target.email.clone(),
             old: record.opted_out,
             new: target.opted_out,
-            reason: target.rule.clone(),
+            reason: Arc::clone(&target.rule),
             version: target.version,
+            opted_out_at: target.opted_out_at,
         });
     }
     changes.sort_by(|left, right| (left.object, &left.id).cmp(&(right.object, &right.id)));

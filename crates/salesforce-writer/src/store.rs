@@ -92,7 +92,7 @@ impl Store {
                 record_ids.push(entry.change.id.as_str());
                 olds.push(entry.change.old);
                 news.push(entry.change.new);
-                reasons.push(entry.change.reason.as_str());
+                reasons.push(&*entry.change.reason);
                 triggers.push(entry.trigger);
                 trace_ids.push(entry.trace_id);
             }

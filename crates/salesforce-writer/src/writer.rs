@@ -2,7 +2,7 @@
 //! for the current decisions, read the current field values, write only the differences, audit
 //! them, acknowledge applied opt-in evidence, and re-check that no decision moved meanwhile.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,7 +16,6 @@ use serde_json::Value;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use chrono::{DateTime, Utc};
 use optout_service::AttachBearer;
 use optout_telemetry::grpc::WithTrace;
 use tracing::Instrument as _;
@@ -79,8 +78,6 @@ pub(crate) struct ApplyOptions {
 struct Planned {
     /// Records that differ from their target, by object and id.
     changes: Vec<Change>,
-    /// When each email to be checked opted out in Mailchimp.
-    opted_out_at: HashMap<String, DateTime<Utc>>,
     /// Opt-in targets whose evidence is acknowledged once their records are unchecked.
     opt_ins: Vec<Target>,
 }
@@ -351,11 +348,7 @@ impl Writer {
         } else {
             Some(self.write_gate.read().await)
         };
-        let Planned {
-            changes,
-            opted_out_at,
-            opt_ins,
-        } = self.plan(emails, options.opt_out_only).await?;
+        let Planned { changes, opt_ins } = self.plan(emails, options.opt_out_only).await?;
         if changes.is_empty() && opt_ins.is_empty() {
             // Nothing must change: no Salesforce call at all.
             return Ok(report);
@@ -372,12 +365,26 @@ impl Writer {
             report.planned = changes;
             return Ok(report);
         }
-        for change in changes.iter().filter(|change| change.new) {
-            if let Some(time) = opted_out_at.get(&change.email) {
-                self.metrics.opt_out_in_hand(&change.email, *time);
+        let opt_out_times = || {
+            changes
+                .iter()
+                .filter(|change| change.new)
+                .filter_map(|change| Some((&change.email, change.opted_out_at?)))
+        };
+        let _in_hand = opt_out_times()
+            .map(|(_, time)| time)
+            .min()
+            .map(|oldest| self.metrics.pass_in_hand(oldest));
+        let outcomes = match self.write(&changes).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                // Its messages are redelivered; until then the gauge keeps counting them.
+                for (email, time) in opt_out_times() {
+                    self.metrics.still_in_hand(email, time);
+                }
+                return Err(error);
             }
-        }
-        let outcomes = self.write(&changes).await?;
+        };
         // The audit row names the trace holding the Salesforce call that wrote the record. A pass
         // that merged several batches runs in the first one's trace and links the others, so for
         // the rest this is not the trace their Mailchimp change started; the message's own trace
@@ -397,11 +404,7 @@ impl Writer {
             match outcome {
                 RecordOutcome::Written => {
                     self.counters.add(change.object.written_counter(), 1);
-                    let opt_out_time = if change.new {
-                        opted_out_at.get(&change.email).copied()
-                    } else {
-                        None
-                    };
+                    let opt_out_time = change.opted_out_at.filter(|_| change.new);
                     self.metrics.written(change.object.sobject(), opt_out_time);
                     report.written += 1;
                     written_emails.insert(change.email.as_str());
@@ -418,6 +421,7 @@ impl Writer {
                 }
                 RecordOutcome::Retryable(reason) => {
                     tracing::warn!(record_id = %change.id, object = %change.object, %reason, "record still failing after retries");
+                    self.keep_in_hand(change);
                     unsettled.insert(change.email.as_str());
                     report.retry.insert(change.email.clone());
                 }
@@ -427,6 +431,7 @@ impl Writer {
                 } => {
                     self.counters.add("write_failures", 1);
                     self.metrics.failed(change.object.sobject(), status_code);
+                    self.keep_in_hand(change);
                     unsettled.insert(change.email.as_str());
                     self.dead_letter(change, status_code, message).await?;
                 }
@@ -450,6 +455,13 @@ impl Writer {
         Ok(report)
     }
 
+    /// Keeps the opt-out of a change the pass could not write on the oldest-unwritten gauge.
+    fn keep_in_hand(&self, change: &Change) {
+        if let (true, Some(time)) = (change.new, change.opted_out_at) {
+            self.metrics.still_in_hand(&change.email, time);
+        }
+    }
+
     /// The records of `emails` that differ from their decision, planned a slice of emails at a
     /// time: decisions, targets and the records read are held for one slice only, so a pass's
     /// memory grows with the records it changes rather than with the emails it checks (a first
@@ -458,38 +470,14 @@ impl Writer {
         let mut planned = Planned::default();
         for slice in emails.chunks(self.plan_slice) {
             let mut targets = BTreeMap::new();
-            // The opt-out clock: when each opt-out became effective in Mailchimp, for the latency
-            // histogram and the oldest-unwritten gauge.
-            let mut opted_out_at: HashMap<String, DateTime<Utc>> = HashMap::new();
             let mut chunks = std::pin::pin!(self.decide_chunks(slice));
             while let Some(decisions) = futures::TryStreamExt::try_next(&mut chunks).await? {
-                let chunk_targets = plan::targets(&decisions, opt_out_only);
-                for decision in &decisions {
-                    let email = plan::normalize_email(&decision.email);
-                    if !chunk_targets.contains_key(&email) {
-                        continue;
-                    }
-                    let time = decision.opted_out_at.as_ref().and_then(|time| {
-                        DateTime::<Utc>::from_timestamp(
-                            time.seconds,
-                            u32::try_from(time.nanos).unwrap_or(0),
-                        )
-                    });
-                    if let Some(time) = time {
-                        opted_out_at.insert(email, time);
-                    }
-                }
-                targets.extend(chunk_targets);
+                targets.extend(plan::targets(&decisions, opt_out_only));
             }
             if targets.is_empty() {
                 continue;
             }
             let changes = self.read_changes(&targets).await?;
-            for change in changes.iter().filter(|change| change.new) {
-                if let Some(time) = opted_out_at.remove(&change.email) {
-                    planned.opted_out_at.insert(change.email.clone(), time);
-                }
-            }
             // Opt-in evidence is acknowledged once the pass has written (or found nothing to
             // uncheck); such targets are rare, every other target ends with its slice.
             planned.opt_ins.extend(
@@ -503,6 +491,8 @@ impl Writer {
         planned
             .changes
             .sort_by(|left, right| (left.object, &left.id).cmp(&(right.object, &right.id)));
+        // Grown by doubling, the vector may hold up to twice its length for the rest of the pass.
+        planned.changes.shrink_to_fit();
         Ok(planned)
     }
 
@@ -798,46 +788,71 @@ impl Writer {
 /// The emails a batch of dirty notifications asks to write.
 pub(crate) type DirtyEmails = BTreeMap<String, Option<Arc<str>>>;
 
-/// The distinct normalised emails of `messages`, each with the trace id of the first message
-/// that carried it.
-pub(crate) fn dirty_emails(messages: &[Message<PersonsDirty>]) -> DirtyEmails {
-    let mut emails = DirtyEmails::new();
+/// What a write pass needs of a batch of dirty notifications, and what the batch keeps of them
+/// while it waits for the pass.
+#[derive(Debug, Default)]
+pub(crate) struct DirtyBatch {
+    /// The distinct normalised emails, each with the trace id of the first message that
+    /// carried it.
+    pub(crate) emails: DirtyEmails,
+    /// For each message, in order, a key of each of its emails (see [`email_key`]): enough to
+    /// tell which messages hold an email the pass must retry. The decoded messages are dropped
+    /// instead of held through the pass: in a first sync's burst they would be one more copy
+    /// of every email.
+    pub(crate) keys: Vec<Box<[u64]>>,
+}
+
+/// Reads a batch of dirty notifications (see [`DirtyBatch`]).
+pub(crate) fn dirty_batch(messages: Vec<Message<PersonsDirty>>) -> DirtyBatch {
+    let mut batch = DirtyBatch::default();
     for message in messages {
         let trace_id: Option<Arc<str>> = traceparent(&message.headers)
             .and_then(|value| plan::trace_id_from_traceparent(&value))
             .map(Arc::from);
+        let mut keys = Vec::with_capacity(message.body.emails.len());
         for email in &message.body.emails {
             let email = plan::normalize_email(email);
             if !email.is_empty() {
-                emails.entry(email).or_insert_with(|| trace_id.clone());
+                keys.push(email_key(&email));
+                batch
+                    .emails
+                    .entry(email)
+                    .or_insert_with(|| trace_id.clone());
             }
         }
+        batch.keys.push(keys.into_boxed_slice());
     }
-    emails
+    batch
+}
+
+/// A fixed hash of a normalised email. Two emails sharing a key only make a message be
+/// redelivered with the other's, which costs a redundant read, never a lost write.
+pub(crate) fn email_key(email: &str) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    // `DefaultHasher::new` has fixed keys: the same email gets the same key in every batch.
+    let mut hasher = std::hash::DefaultHasher::new();
+    email.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// What to do with each message once its emails were written: redeliver it when the pass
 /// failed (`Err`, its reason) or any of its emails is in the retry set, else acknowledge it.
+/// `keys` are the messages' email keys from [`dirty_batch`].
 pub(crate) fn outcomes(
-    messages: &[Message<PersonsDirty>],
+    keys: &[Box<[u64]>],
     result: &std::result::Result<Arc<BTreeSet<String>>, String>,
 ) -> Vec<Outcome> {
-    messages
-        .iter()
+    let retry: HashSet<u64> = match result {
+        Ok(retry) => retry.iter().map(|email| email_key(email)).collect(),
+        Err(_) => HashSet::new(),
+    };
+    keys.iter()
         .map(|message| match result {
             Err(reason) => Outcome::Retry(reason.clone()),
-            Ok(retry) => {
-                let locked = message
-                    .body
-                    .emails
-                    .iter()
-                    .any(|email| retry.contains(&plan::normalize_email(email)));
-                if locked {
-                    Outcome::Retry("salesforce records stayed locked".to_owned())
-                } else {
-                    Outcome::Ack
-                }
+            Ok(_) if message.iter().any(|key| retry.contains(key)) => {
+                Outcome::Retry("salesforce records stayed locked".to_owned())
             }
+            Ok(_) => Outcome::Ack,
         })
         .collect()
 }
@@ -864,5 +879,52 @@ fn traceparent(headers: &lapin::types::FieldTable) -> Option<String> {
         }
         lapin::types::AMQPValue::ShortString(value) => Some(value.as_str().to_owned()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(emails: &[&str]) -> Message<PersonsDirty> {
+        Message {
+            body: PersonsDirty {
+                emails: emails.iter().map(|email| (*email).to_owned()).collect(),
+                ..PersonsDirty::default()
+            },
+            message_id: String::new(),
+            redelivered: false,
+            headers: lapin::types::FieldTable::default(),
+        }
+    }
+
+    #[test]
+    fn only_the_messages_holding_an_email_to_retry_are_redelivered() {
+        let batch = dirty_batch(vec![
+            message(&["Ann@Example.com", "bob@example.com"]),
+            message(&["cy@example.com"]),
+            // A flush carries no email.
+            message(&[]),
+            message(&[" ANN@example.com "]),
+        ]);
+        assert_eq!(
+            batch.emails.keys().collect::<Vec<_>>(),
+            ["ann@example.com", "bob@example.com", "cy@example.com"]
+        );
+        let retry = Ok(Arc::new(BTreeSet::from(["ann@example.com".to_owned()])));
+        let locked = Outcome::Retry("salesforce records stayed locked".to_owned());
+        assert_eq!(
+            outcomes(&batch.keys, &retry),
+            [locked.clone(), Outcome::Ack, Outcome::Ack, locked]
+        );
+        assert_eq!(
+            outcomes(&batch.keys, &Ok(Arc::default())),
+            [Outcome::Ack, Outcome::Ack, Outcome::Ack, Outcome::Ack]
+        );
+        let failed = Outcome::Retry("evaluator down".to_owned());
+        assert_eq!(
+            outcomes(&batch.keys, &Err("evaluator down".to_owned())),
+            [failed.clone(), failed.clone(), failed.clone(), failed]
+        );
     }
 }

@@ -39,13 +39,48 @@ fn target_map(list: &[(&str, bool, i64)]) -> BTreeMap<String, Target> {
                 Target {
                     email: (*email).to_owned(),
                     opted_out: *opted_out,
-                    rule: "rule".to_owned(),
+                    rule: "rule".into(),
                     version: 1,
                     evidence_id: *evidence,
+                    opted_out_at: None,
                 },
             )
         })
         .collect()
+}
+
+#[test]
+fn an_opt_out_keeps_its_mailchimp_time_and_targets_share_their_rule_text() {
+    let at = prost_types::Timestamp {
+        seconds: 1_700_000_000,
+        nanos: 5_000,
+    };
+    let mut opt_out = decision("ann@example.com", Decision::OptOut, 0);
+    opt_out.opted_out_at = Some(at);
+    opt_out.rule = "unsubscribed".to_owned();
+    let mut other = decision("bob@example.com", Decision::OptOut, 0);
+    other.rule = "unsubscribed".to_owned();
+    // An opt-in never starts the opt-out clock, even if the decision carries a time.
+    let mut opt_in = decision("cy@example.com", Decision::OptIn, 9);
+    opt_in.opted_out_at = Some(at);
+    let targets = targets(&[opt_out, other, opt_in], false);
+    let ann = &targets["ann@example.com"];
+    assert_eq!(
+        ann.opted_out_at.map(|time| time.timestamp_nanos_opt()),
+        Some(Some(1_700_000_000_000_005_000))
+    );
+    assert_eq!(targets["bob@example.com"].opted_out_at, None);
+    assert_eq!(targets["cy@example.com"].opted_out_at, None);
+    assert!(std::sync::Arc::ptr_eq(
+        &ann.rule,
+        &targets["bob@example.com"].rule
+    ));
+    let changes = diff(
+        &targets,
+        &[record(SfObject::Contact, "003A", "ann@example.com", false)],
+    );
+    assert_eq!(changes[0].opted_out_at, ann.opted_out_at);
+    assert!(std::sync::Arc::ptr_eq(&changes[0].reason, &ann.rule));
 }
 
 #[test]
@@ -298,8 +333,9 @@ fn bulk_csv_and_errors_use_the_object_field() {
         email: "a@x.com".to_owned(),
         old: false,
         new: true,
-        reason: "r".to_owned(),
+        reason: "r".into(),
         version: 1,
+        opted_out_at: None,
     };
     assert_eq!(
         plan::bulk_csv(SfObject::PersonAccount, &[&change]),
