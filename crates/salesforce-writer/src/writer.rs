@@ -154,16 +154,20 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
-/// How one record's write ended.
+/// How one record's write ended. Boxed texts keep it at two words: a pass holds one per change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum RecordOutcome {
     Written,
-    Retryable(String),
+    Retryable(Box<str>),
     ConvertedLead,
-    Failed {
-        status_code: String,
-        message: String,
-    },
+    Failed(Box<Rejection>),
+}
+
+/// Why Salesforce rejected a record for good.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rejection {
+    status_code: String,
+    message: String,
 }
 
 impl RecordOutcome {
@@ -171,26 +175,64 @@ impl RecordOutcome {
         if status_code == plan::CONVERTED_LEAD {
             RecordOutcome::ConvertedLead
         } else if plan::is_retryable_status(status_code) {
-            RecordOutcome::Retryable(format!("{status_code}: {message}"))
+            RecordOutcome::Retryable(format!("{status_code}: {message}").into())
         } else {
-            RecordOutcome::Failed {
+            RecordOutcome::Failed(Box::new(Rejection {
                 status_code: status_code.to_owned(),
                 message: message.to_owned(),
-            }
+            }))
         }
     }
 
     fn from_save_result(result: Option<&SaveResult>) -> Self {
         match result {
-            None => RecordOutcome::Retryable("no result for record".to_owned()),
+            None => RecordOutcome::Retryable("no result for record".into()),
             Some(result) if result.success => RecordOutcome::Written,
             Some(result) => match result.errors.first() {
                 Some(error) => RecordOutcome::from_error(&error.status_code, &error.message),
-                None => RecordOutcome::Failed {
+                None => RecordOutcome::Failed(Box::new(Rejection {
                     status_code: "UNKNOWN".to_owned(),
                     message: "failed without errors".to_owned(),
-                },
+                })),
             },
+        }
+    }
+}
+
+/// What one Bulk job settled.
+#[derive(Debug)]
+struct BulkSettled {
+    /// Records Salesforce refused, by index into the pass's changes.
+    failed: Vec<(usize, RecordOutcome)>,
+    written: Written,
+}
+
+/// Which records of a Bulk job were written.
+#[derive(Debug)]
+enum Written {
+    /// Every record the job was given, except the failed ones.
+    AllButFailed,
+    /// These, by index into the pass's changes.
+    Listed(Vec<usize>),
+}
+
+impl BulkSettled {
+    /// Records the outcomes of the job over `indexes` (its records) in `outcomes`.
+    fn apply(self, indexes: &[usize], outcomes: &mut [Option<RecordOutcome>]) {
+        match self.written {
+            Written::AllButFailed => {
+                for index in indexes {
+                    outcomes[*index] = Some(RecordOutcome::Written);
+                }
+            }
+            Written::Listed(written) => {
+                for index in written {
+                    outcomes[index] = Some(RecordOutcome::Written);
+                }
+            }
+        }
+        for (index, outcome) in self.failed {
+            outcomes[index] = Some(outcome);
         }
     }
 }
@@ -425,15 +467,14 @@ impl Writer {
                     unsettled.insert(change.email.as_str());
                     report.retry.insert(change.email.clone());
                 }
-                RecordOutcome::Failed {
-                    status_code,
-                    message,
-                } => {
+                RecordOutcome::Failed(rejection) => {
                     self.counters.add("write_failures", 1);
-                    self.metrics.failed(change.object.sobject(), status_code);
+                    self.metrics
+                        .failed(change.object.sobject(), &rejection.status_code);
                     self.keep_in_hand(change);
                     unsettled.insert(change.email.as_str());
-                    self.dead_letter(change, status_code, message).await?;
+                    self.dead_letter(change, &rejection.status_code, &rejection.message)
+                        .await?;
                 }
             }
         }
@@ -556,10 +597,12 @@ impl Writer {
         let jobs = bulk
             .iter()
             .map(|(object, indexes)| self.write_bulk(*object, changes, indexes));
-        for settled in futures::future::try_join_all(jobs).await? {
-            for (index, outcome) in settled {
-                outcomes[index] = Some(outcome);
-            }
+        for (settled, (_, indexes)) in futures::future::try_join_all(jobs)
+            .await?
+            .into_iter()
+            .zip(&bulk)
+        {
+            settled.apply(indexes, &mut outcomes);
         }
         self.write_collection(changes, &collection, &mut outcomes)
             .await?;
@@ -587,7 +630,7 @@ impl Writer {
         Ok(outcomes
             .into_iter()
             .map(|outcome| {
-                outcome.unwrap_or_else(|| RecordOutcome::Retryable("not processed".to_owned()))
+                outcome.unwrap_or_else(|| RecordOutcome::Retryable("not processed".into()))
             })
             .collect())
     }
@@ -613,54 +656,55 @@ impl Writer {
         Ok(())
     }
 
-    /// One Bulk API 2.0 update job for `object`; returns the outcome of each record it settled
-    /// (by index into `changes`). Records it did not settle are retried through collections.
+    /// One Bulk API 2.0 update job for `object` over `changes[indexes]` (sorted by id, as
+    /// `changes` is); returns what it settled. Records it did not settle are retried through
+    /// collections.
     async fn write_bulk(
         &self,
         object: SfObject,
         changes: &[Change],
         indexes: &[usize],
-    ) -> Result<Vec<(usize, RecordOutcome)>> {
-        let mut outcomes: HashMap<usize, RecordOutcome> = HashMap::new();
+    ) -> Result<BulkSettled> {
         let selected: Vec<&Change> = indexes.iter().map(|index| &changes[*index]).collect();
         let csv = plan::bulk_csv(object, &selected);
+        drop(selected);
         tracing::info!(%object, records = indexes.len(), "writing through a bulk job");
         let result = self
             .salesforce
             .bulk_update(object.sobject(), csv, indexes.len() as u64)
             .await?;
         self.counters.add("bulk_jobs", 1);
-        // Bulk results are not in input order: match them by record id.
-        let by_id: HashMap<&str, usize> = indexes
-            .iter()
-            .map(|index| (changes[*index].id.as_str(), *index))
-            .collect();
+        // Bulk results are not in input order: match them by record id, by binary search over
+        // the job's records rather than through a map as large as the job.
         let row_id = |row: &HashMap<String, String>| -> Option<usize> {
             ["Id", "sf__Id"]
                 .iter()
                 .filter_map(|column| row.get(*column))
-                .find_map(|id| by_id.get(id.as_str()).copied())
+                .find_map(|id| {
+                    indexes
+                        .binary_search_by(|index| changes[*index].id.as_str().cmp(id))
+                        .ok()
+                        .map(|position| indexes[position])
+                })
         };
-        for row in &result.successful {
-            if let Some(index) = row_id(row) {
-                outcomes.insert(index, RecordOutcome::Written);
-            }
-        }
-        for row in &result.failed {
-            if let Some(index) = row_id(row) {
+        let failed = result
+            .failed
+            .iter()
+            .filter_map(|row| {
+                let index = row_id(row)?;
                 let (status_code, message) =
                     plan::parse_bulk_error(row.get("sf__Error").map(String::as_str).unwrap_or(""));
-                outcomes.insert(index, RecordOutcome::from_error(&status_code, &message));
-            }
-        }
-        if result.rest_succeeded {
+                Some((index, RecordOutcome::from_error(&status_code, &message)))
+            })
+            .collect();
+        let written = if result.rest_succeeded {
             // Every row was processed: those not listed as failed were written.
-            for index in indexes {
-                outcomes.entry(*index).or_insert(RecordOutcome::Written);
-            }
-        }
-        // Otherwise records in neither list stay unsettled and are retried through collections.
-        Ok(outcomes.into_iter().collect())
+            Written::AllButFailed
+        } else {
+            // Records in neither list stay unsettled and are retried through collections.
+            Written::Listed(result.successful.iter().filter_map(row_id).collect())
+        };
+        Ok(BulkSettled { failed, written })
     }
 
     /// Keeps a permanently rejected record, with Salesforce's reason, in its partition's DLQ.
@@ -727,22 +771,29 @@ impl Writer {
             return Ok(());
         }
         // Every change of an email was planned from the same decision, hence the same version.
-        let planned_versions: HashMap<&str, i64> = changes
+        // Sorted by email, to be looked up by binary search and asked in groups.
+        let mut planned: Vec<(&str, i64)> = changes
             .iter()
             .filter(|change| written.contains(change.email.as_str()))
             .map(|change| (change.email.as_str(), change.version))
             .collect();
-        let emails: Vec<String> = written.iter().map(|email| (*email).to_owned()).collect();
+        planned.sort_unstable();
+        planned.dedup_by_key(|(email, _)| *email);
         let mut moved = Vec::new();
-        let mut chunks = std::pin::pin!(self.decide_chunks(&emails));
-        while let Some(decisions) = chunks.try_next().await? {
-            for decision in decisions {
-                let email = plan::normalize_email(&decision.email);
-                if planned_versions
-                    .get(email.as_str())
-                    .is_some_and(|version| *version != decision.version)
-                {
-                    moved.push(email);
+        // A group at a time, so the emails asked are copied a group at a time too.
+        for group in planned.chunks(DECIDE_CHUNK * DECIDE_CONCURRENCY) {
+            let emails: Vec<String> = group.iter().map(|(email, _)| (*email).to_owned()).collect();
+            let mut chunks = std::pin::pin!(self.decide_chunks(&emails));
+            while let Some(decisions) = chunks.try_next().await? {
+                for decision in decisions {
+                    let email = plan::normalize_email(&decision.email);
+                    let planned_version = group
+                        .binary_search_by(|(candidate, _)| (*candidate).cmp(email.as_str()))
+                        .ok()
+                        .map(|position| group[position].1);
+                    if planned_version.is_some_and(|version| version != decision.version) {
+                        moved.push(email);
+                    }
                 }
             }
         }
