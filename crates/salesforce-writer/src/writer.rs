@@ -420,7 +420,8 @@ impl Writer {
         let outcomes = match self.write(&changes).await {
             Ok(outcomes) => outcomes,
             Err(error) => {
-                // Its messages are redelivered; until then the gauge keeps counting them.
+                // Retried later (messages redelivered, or the next poll); until then the
+                // gauge keeps counting these opt-outs.
                 for (email, time) in opt_out_times() {
                     self.metrics.still_in_hand(email, time);
                 }
