@@ -16,14 +16,18 @@ use sqlx::{AssertSqlSafe, Connection as _, Row as _};
 const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const DEADLINE: Duration = Duration::from_secs(30);
 
-#[tokio::test]
-async fn a_person_created_by_another_writer_meanwhile_is_decided_on_all_its_members()
--> anyhow::Result<()> {
+/// Runs `test` on a pool of `connections` in a schema of its own, then drops the schema
+/// whatever the outcome.
+async fn in_fresh_schema<F, Fut>(connections: u32, test: F) -> anyhow::Result<()>
+where
+    F: FnOnce(sqlx::PgPool) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let schema = format!("t_store_{}", uuid::Uuid::new_v4().simple());
-    let pool = store::connect(&SecretString::from(DATABASE_URL), &schema, 4)
+    let pool = store::connect(&SecretString::from(DATABASE_URL), &schema, connections)
         .await
         .context("PostgreSQL must run on 127.0.0.1:5432")?;
-    let result = race(&pool).await;
+    let result = test(pool.clone()).await;
     pool.close().await;
     let mut database = sqlx::PgConnection::connect(DATABASE_URL).await?;
     sqlx::raw_sql(AssertSqlSafe(format!(
@@ -32,6 +36,12 @@ async fn a_person_created_by_another_writer_meanwhile_is_decided_on_all_its_memb
     .execute(&mut database)
     .await?;
     result
+}
+
+#[tokio::test]
+async fn a_person_created_by_another_writer_meanwhile_is_decided_on_all_its_members()
+-> anyhow::Result<()> {
+    in_fresh_schema(4, |pool| async move { race(&pool).await }).await
 }
 
 async fn race(pool: &sqlx::PgPool) -> anyhow::Result<()> {
@@ -128,19 +138,7 @@ async fn race(pool: &sqlx::PgPool) -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_first_seen_member_is_logged_by_its_row_until_it_changes() -> anyhow::Result<()> {
-    let schema = format!("t_store_{}", uuid::Uuid::new_v4().simple());
-    let pool = store::connect(&SecretString::from(DATABASE_URL), &schema, 2)
-        .await
-        .context("PostgreSQL must run on 127.0.0.1:5432")?;
-    let result = first_seen_history(&pool).await;
-    pool.close().await;
-    let mut database = sqlx::PgConnection::connect(DATABASE_URL).await?;
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE"#
-    )))
-    .execute(&mut database)
-    .await?;
-    result
+    in_fresh_schema(2, |pool| async move { first_seen_history(&pool).await }).await
 }
 
 fn snapshot(
