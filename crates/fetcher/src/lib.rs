@@ -26,7 +26,7 @@ use std::{io::Write, net::SocketAddr, sync::Arc, time::Duration};
 use optout_amqp::Topology;
 use optout_mailchimp::{MailchimpClient, MailchimpConfig};
 use optout_proto::admin::v1::admin_server::AdminServer;
-use optout_service::signal::{CLOSE_STEP_LIMIT, close_step};
+use optout_service::signal::{CLOSE_STEP_LIMIT, close_step, close_task};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio::{net::TcpListener, sync::OnceCell};
@@ -231,11 +231,10 @@ pub async fn serve_with_listeners(
     }
     server_stop.cancel();
     realtime_wiring::stop_http(http_stop, http_server).await;
-    let abort_metrics = metrics_server.abort_handle();
-    match close_step("metrics server", CLOSE_STEP_LIMIT, metrics_server).await {
-        Some(Ok(Err(error))) => warn!(%error, "metrics server failed"),
-        None => abort_metrics.abort(),
-        Some(_) => {}
+    if let Some(Ok(Err(error))) =
+        close_task("metrics server", CLOSE_STEP_LIMIT, metrics_server).await
+    {
+        warn!(%error, "metrics server failed");
     }
     let served = match server_result {
         Some(result) => flatten_server(result),
@@ -261,13 +260,9 @@ pub async fn serve_with_listeners(
 async fn join_server(
     server: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
 ) -> Result<()> {
-    let abort = server.abort_handle();
-    match close_step("grpc server", CLOSE_STEP_LIMIT, server).await {
+    match close_task("grpc server", CLOSE_STEP_LIMIT, server).await {
         Some(result) => flatten_server(result),
-        None => {
-            abort.abort();
-            Ok(())
-        }
+        None => Ok(()),
     }
 }
 

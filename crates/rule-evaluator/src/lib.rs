@@ -19,7 +19,7 @@ use optout_amqp::{ConsumeOptions, ConsumerMetrics, Message, Publisher, Topology}
 use optout_proto::{
     admin::v1::admin_server::AdminServer, evaluator::v1::decisions_server::DecisionsServer,
 };
-use optout_service::signal::{CLOSE_STEP_LIMIT, close_step};
+use optout_service::signal::{CLOSE_STEP_LIMIT, close_task};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -180,16 +180,11 @@ pub async fn serve_with_metrics(
     set_health(&health, ServingStatus::NotServing).await;
     // RPCs under way finish before the server returns.
     server_stop.cancel();
-    let abort_server = server.abort_handle();
-    let served = close_step("grpc server", CLOSE_STEP_LIMIT, server).await;
-    if served.is_none() {
-        abort_server.abort();
-    }
-    let abort_metrics = metrics_server.abort_handle();
-    match close_step("metrics server", CLOSE_STEP_LIMIT, metrics_server).await {
-        Some(Ok(Err(error))) => warn!(%error, "metrics server failed"),
-        None => abort_metrics.abort(),
-        Some(_) => {}
+    let served = close_task("grpc server", CLOSE_STEP_LIMIT, server).await;
+    if let Some(Ok(Err(error))) =
+        close_task("metrics server", CLOSE_STEP_LIMIT, metrics_server).await
+    {
+        warn!(%error, "metrics server failed");
     }
     result?;
     if let Some(served) = served {

@@ -84,6 +84,21 @@ pub async fn close_step<F: std::future::Future>(
     }
 }
 
+/// [`close_step`] for a spawned task (a server): the task is aborted when the step is given up,
+/// so it cannot go on serving after the service has returned.
+pub async fn close_task<T>(
+    step: &'static str,
+    limit: Duration,
+    task: tokio::task::JoinHandle<T>,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    let abort = task.abort_handle();
+    let output = close_step(step, limit, task).await;
+    if output.is_none() {
+        abort.abort();
+    }
+    output
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +111,25 @@ mod tests {
         assert_eq!(output, None);
         assert!(started.elapsed() >= limit);
         assert_eq!(close_step("answers", limit, async { 7 }).await, Some(7));
+    }
+
+    #[tokio::test]
+    async fn a_task_that_does_not_stop_in_time_is_aborted() {
+        let limit = Duration::from_millis(50);
+        let task = tokio::spawn(std::future::pending::<()>());
+        let watch = task.abort_handle();
+        assert!(close_task("hangs", limit, task).await.is_none());
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !watch.is_finished() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the task was aborted");
+        let answers = tokio::spawn(async { 7 });
+        assert_eq!(
+            close_task("answers", limit, answers).await.map(Result::ok),
+            Some(Some(7))
+        );
     }
 }
