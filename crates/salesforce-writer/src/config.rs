@@ -116,11 +116,6 @@ pub struct Config {
     /// Records of one object in one write above which a Bulk API 2.0 job is used.
     #[arg(long, env = "OPTOUT_BULK_THRESHOLD", default_value_t = 2000)]
     pub bulk_threshold: usize,
-    /// Emails a write pass plans at a time: decisions, targets and records read are held for
-    /// one slice, the records to change for the whole pass (written with one Bulk job per
-    /// object). Each slice ends with a partly filled read per object.
-    #[arg(long, env = "OPTOUT_PLAN_SLICE", default_value_t = 10_000)]
-    pub plan_slice: usize,
     /// Seconds between Salesforce poll cycles; 0 polls only on TriggerSync.
     #[arg(long, env = "OPTOUT_POLL_INTERVAL_SECS", default_value_t = 60)]
     pub poll_interval_secs: u64,
@@ -221,13 +216,9 @@ impl Config {
                 "--objects must name at least one object".into(),
             ));
         }
-        if self.batch_size == 0
-            || self.bulk_threshold == 0
-            || self.plan_slice == 0
-            || self.persons_partitions == 0
-        {
+        if self.batch_size == 0 || self.bulk_threshold == 0 || self.persons_partitions == 0 {
             return Err(Error::Config(
-                "batch size, bulk threshold, plan slice and partitions must be positive".into(),
+                "batch size, bulk threshold and partitions must be positive".into(),
             ));
         }
         if !self.evaluator_url.starts_with("http://") && !self.evaluator_url.starts_with("https://")

@@ -50,7 +50,7 @@ pub(crate) fn report(objects: &[SfObject], planned: Vec<Change>, scanned: usize)
         if entry.examples.len() < EXAMPLES {
             entry.examples.push(DryRunChange {
                 record_id: change.id,
-                email: change.email,
+                email: change.email.to_string(),
                 old_value: change.old,
                 new_value: change.new,
                 reason: change.reason.to_string(),
@@ -71,7 +71,7 @@ mod tests {
         Change {
             object,
             id: id.to_owned(),
-            email: format!("{id}@example.com"),
+            email: format!("{id}@example.com").into(),
             old: !new,
             new,
             reason: std::sync::Arc::from("all unsubscribed"),

@@ -44,7 +44,7 @@ use crate::plan::SfObject;
 use crate::records::RecordsService;
 use crate::store::Store;
 use crate::writer::Writer;
-use optout_service::signal::{CLOSE_STEP_LIMIT, close_step};
+use optout_service::signal::{CLOSE_STEP_LIMIT, close_step, close_task};
 use optout_service::{AttachBearer, RequireBearer};
 
 /// Errors of the writer.
@@ -283,19 +283,16 @@ pub async fn serve_with_metrics(
     let result = start_and_work(&config, &state_cell, &health, &observability, &shutdown).await;
     optout_service::health::set_all(&health, &HEALTH_SERVICES, ServingStatus::NotServing).await;
     grpc_stop.cancel();
-    let abort_grpc = grpc.abort_handle();
-    match close_step("grpc server", CLOSE_STEP_LIMIT, grpc).await {
-        Some(Ok(Ok(()))) => {}
+    match close_task("grpc server", CLOSE_STEP_LIMIT, grpc).await {
+        Some(Ok(Ok(()))) | None => {}
         Some(Ok(Err(error))) => tracing::warn!(%error, "grpc server ended with an error"),
         Some(Err(error)) => tracing::warn!(%error, "grpc server task failed"),
-        None => abort_grpc.abort(),
     }
     metrics_stop.cancel();
-    let abort_metrics = metrics_server.abort_handle();
-    match close_step("metrics server", CLOSE_STEP_LIMIT, metrics_server).await {
-        Some(Ok(Err(error))) => tracing::warn!(%error, "metrics server failed"),
-        None => abort_metrics.abort(),
-        Some(_) => {}
+    if let Some(Ok(Err(error))) =
+        close_task("metrics server", CLOSE_STEP_LIMIT, metrics_server).await
+    {
+        tracing::warn!(%error, "metrics server failed");
     }
     if let Some(state) = state_cell.get() {
         close_step(
@@ -451,7 +448,6 @@ async fn connect(config: &Config, observability: &Observability) -> Result<Depen
         objects,
         person_accounts,
         config.bulk_threshold,
-        config.plan_slice,
         Arc::clone(&observability.writer),
     ));
     poll::initialize_watermarks(&writer).await?;

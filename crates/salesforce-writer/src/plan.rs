@@ -5,7 +5,7 @@
 //! opt-in asks for an unchecked box only when it carries opt-in evidence, anything else asks for
 //! nothing. No other function can produce a `false` target.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -123,8 +123,8 @@ pub fn normalize_email(email: &str) -> String {
 /// The value every Salesforce record of one email must end with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
-    /// Normalised address.
-    pub email: String,
+    /// Normalised address; shared with the target's changes.
+    pub email: Arc<str>,
     /// `true`: the box must be checked; `false`: it must be unchecked.
     pub opted_out: bool,
     /// The evaluator's rule, recorded in the audit log. Shared: a pass's thousands of targets
@@ -141,6 +141,11 @@ pub struct Target {
 
 /// The asymmetry: OPT_OUT → checked; OPT_IN with evidence → unchecked; anything else → no target.
 pub fn target_for(decision: &PersonDecision) -> Option<Target> {
+    target_with(decision, &mut RuleTexts::default())
+}
+
+/// [`target_for`], with the rule's text taken from `rules`.
+fn target_with(decision: &PersonDecision, rules: &mut RuleTexts) -> Option<Target> {
     let opted_out = match Decision::try_from(decision.decision) {
         Ok(Decision::OptOut) => true,
         // Never uncheck without evidence that Mailchimp set a member back to subscribed.
@@ -155,9 +160,9 @@ pub fn target_for(decision: &PersonDecision) -> Option<Target> {
             DateTime::<Utc>::from_timestamp(time.seconds, u32::try_from(time.nanos).unwrap_or(0))
         });
     Some(Target {
-        email: normalize_email(&decision.email),
+        email: normalize_email(&decision.email).into(),
         opted_out,
-        rule: Arc::from(decision.rule.as_str()),
+        rule: rules.get(&decision.rule),
         version: decision.version,
         evidence_id: if opted_out {
             0
@@ -168,23 +173,40 @@ pub fn target_for(decision: &PersonDecision) -> Option<Target> {
     })
 }
 
+/// One copy of each rule's text, shared by the targets and changes of a pass, which number in
+/// the tens of thousands and name a handful of rules.
+#[derive(Debug, Default)]
+pub struct RuleTexts(HashSet<Arc<str>>);
+
+impl RuleTexts {
+    /// The shared copy of `rule`.
+    pub fn get(&mut self, rule: &str) -> Arc<str> {
+        if let Some(text) = self.0.get(rule) {
+            return Arc::clone(text);
+        }
+        let text: Arc<str> = Arc::from(rule);
+        self.0.insert(Arc::clone(&text));
+        text
+    }
+}
+
 /// Targets by normalised email. With `opt_out_only` (the Salesforce poll) opt-ins are ignored:
 /// only the dirty path acts on opt-in evidence.
 pub fn targets(decisions: &[PersonDecision], opt_out_only: bool) -> BTreeMap<String, Target> {
-    let mut rules: HashMap<Arc<str>, Arc<str>> = HashMap::new();
+    targets_with(decisions, opt_out_only, &mut RuleTexts::default())
+}
+
+/// [`targets`], with rule texts taken from `rules`, so a pass keeps one copy of each.
+pub fn targets_with(
+    decisions: &[PersonDecision],
+    opt_out_only: bool,
+    rules: &mut RuleTexts,
+) -> BTreeMap<String, Target> {
     decisions
         .iter()
-        .filter_map(target_for)
+        .filter_map(|decision| target_with(decision, rules))
         .filter(|target| !opt_out_only || target.opted_out)
-        .map(|mut target| {
-            // One copy of each rule's text, shared by its targets and their changes.
-            target.rule = Arc::clone(
-                rules
-                    .entry(Arc::clone(&target.rule))
-                    .or_insert_with(|| Arc::clone(&target.rule)),
-            );
-            (target.email.clone(), target)
-        })
+        .map(|target| (target.email.to_string(), target))
         .collect()
 }
 
@@ -232,8 +254,8 @@ pub struct Change {
     pub object: SfObject,
     /// Salesforce record id.
     pub id: String,
-    /// Normalised address.
-    pub email: String,
+    /// Normalised address, shared with its target.
+    pub email: Arc<str>,
     /// Value before the write.
     pub old: bool,
     /// Value written.
@@ -248,10 +270,17 @@ pub struct Change {
 
 /// Records whose value differs from their email's target, each record once, in a stable order.
 pub fn diff(targets: &BTreeMap<String, Target>, records: &[CurrentRecord]) -> Vec<Change> {
+    diff_by(|email| targets.get(email), records)
+}
+
+fn diff_by<'a>(
+    target_of: impl Fn(&str) -> Option<&'a Target>,
+    records: &[CurrentRecord],
+) -> Vec<Change> {
     let mut seen = BTreeSet::new();
     let mut changes = Vec::new();
     for record in records {
-        let Some(target) = targets.get(&normalize_email(&record.email)) else {
+        let Some(target) = target_of(&normalize_email(&record.email)) else {
             continue;
         };
         if record.opted_out == target.opted_out || !seen.insert((record.object, record.id.clone()))
@@ -261,7 +290,7 @@ pub fn diff(targets: &BTreeMap<String, Target>, records: &[CurrentRecord]) -> Ve
         changes.push(Change {
             object: record.object,
             id: record.id.clone(),
-            email: target.email.clone(),
+            email: Arc::clone(&target.email),
             old: record.opted_out,
             new: target.opted_out,
             reason: Arc::clone(&target.rule),
@@ -276,6 +305,12 @@ pub fn diff(targets: &BTreeMap<String, Target>, records: &[CurrentRecord]) -> Ve
 /// SOQL statements reading the current values of `object` for `emails`, each under
 /// [`MAX_SOQL_LEN`].
 pub fn read_queries(object: SfObject, emails: &[String], person_accounts: bool) -> Vec<String> {
+    let (prefix, suffix) = read_statement_parts(object, person_accounts);
+    optout_salesforce::soql::chunk_in_clauses(&prefix, emails, &suffix, MAX_SOQL_LEN)
+}
+
+/// What a read statement of `object` holds around its list of emails.
+fn read_statement_parts(object: SfObject, person_accounts: bool) -> (String, String) {
     let fields = format!("Id, {}, {}", object.email_field(), object.opt_out_field());
     let mut prefix = format!("SELECT {fields} FROM {} WHERE ", object.sobject());
     let mut suffix = String::new();
@@ -296,7 +331,84 @@ pub fn read_queries(object: SfObject, emails: &[String], person_accounts: bool) 
     }
     prefix.push_str(object.email_field());
     prefix.push_str(" IN ");
-    optout_salesforce::soql::chunk_in_clauses(&prefix, emails, &suffix, MAX_SOQL_LEN)
+    (prefix, suffix)
+}
+
+/// One statement reading the records of `object` for its targets' emails.
+#[derive(Debug)]
+pub struct Read {
+    /// The object read.
+    pub object: SfObject,
+    /// The statement, under [`MAX_SOQL_LEN`].
+    pub soql: String,
+    /// The targets of the emails it names, by email. Shared with the other objects' reads.
+    pub targets: Vec<Arc<Target>>,
+}
+
+impl Read {
+    /// The records read that differ from their email's target, as [`diff`].
+    pub fn diff(&self, records: &[CurrentRecord]) -> Vec<Change> {
+        diff_by(
+            |email| {
+                let index = self
+                    .targets
+                    .binary_search_by(|target| target.email.as_ref().cmp(email))
+                    .ok()?;
+                Some(&*self.targets[index])
+            },
+            records,
+        )
+    }
+}
+
+/// Packs targets into reads of one object as they come, each as full as the URL allows: a pass
+/// reads in as few statements as if it had every email at hand, while it holds only the targets
+/// of one partly filled statement per object and of the reads under way.
+#[derive(Debug)]
+pub struct ReadPacker {
+    object: SfObject,
+    packer: optout_salesforce::soql::InClausePacker,
+    targets: Vec<Arc<Target>>,
+}
+
+impl ReadPacker {
+    /// An empty packer of `object`'s reads.
+    pub fn new(object: SfObject, person_accounts: bool) -> Self {
+        let (prefix, suffix) = read_statement_parts(object, person_accounts);
+        Self {
+            object,
+            packer: optout_salesforce::soql::InClausePacker::new(&prefix, &suffix, MAX_SOQL_LEN),
+            targets: Vec::new(),
+        }
+    }
+
+    /// Adds `target`; returns the read of the targets before it when its email did not fit.
+    pub fn push(&mut self, target: &Arc<Target>) -> Option<Read> {
+        let full = self.packer.push(&target.email).map(|soql| self.read(soql));
+        self.targets.push(Arc::clone(target));
+        full
+    }
+
+    /// The read of the targets not handed out yet, if any.
+    pub fn finish(&mut self) -> Option<Read> {
+        self.packer.finish().map(|soql| self.read(soql))
+    }
+
+    /// Targets held, not handed out yet.
+    pub fn pending(&self) -> usize {
+        self.targets.len()
+    }
+
+    fn read(&mut self, soql: String) -> Read {
+        let mut targets = std::mem::take(&mut self.targets);
+        // By email, for `Read::diff`; a pass hands its emails in sorted already.
+        targets.sort_by(|left, right| left.email.cmp(&right.email));
+        Read {
+            object: self.object,
+            soql,
+            targets,
+        }
+    }
 }
 
 /// The SOQL statement that reads every record of `object` carrying `email`, with the fields an operator

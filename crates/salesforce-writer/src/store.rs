@@ -9,7 +9,7 @@ use crate::Result;
 use crate::plan::{Change, SfObject};
 
 /// Audit rows per INSERT statement.
-const AUDIT_CHUNK: usize = 2000;
+const AUDIT_CHUNK: usize = 1000;
 
 /// One audit row to insert.
 #[derive(Clone, Debug)]
@@ -69,15 +69,24 @@ impl Store {
     }
 
     /// Records successful writes.
-    pub(crate) async fn insert_audit(&self, entries: &[AuditEntry<'_>]) -> Result<()> {
-        if entries.is_empty() {
+    /// Takes the entries as they come, so a pass never holds them all at once.
+    pub(crate) async fn insert_audit<'a>(
+        &self,
+        entries: impl IntoIterator<Item = AuditEntry<'a>> + Send,
+    ) -> Result<()> {
+        let mut entries = entries.into_iter().peekable();
+        if entries.peek().is_none() {
             return Ok(());
         }
         // One transaction, so a crash never leaves part of a pass audited (a replay finds those
         // records written and would not audit them again); in chunks, so the statements' buffers
         // stay small whatever the size of the pass.
         let mut transaction = self.pool.begin().await?;
-        for chunk in entries.chunks(AUDIT_CHUNK) {
+        loop {
+            let chunk: Vec<AuditEntry<'a>> = entries.by_ref().take(AUDIT_CHUNK).collect();
+            if chunk.is_empty() {
+                break;
+            }
             let mut emails = Vec::with_capacity(chunk.len());
             let mut objects = Vec::with_capacity(chunk.len());
             let mut record_ids = Vec::with_capacity(chunk.len());
@@ -86,8 +95,8 @@ impl Store {
             let mut reasons = Vec::with_capacity(chunk.len());
             let mut triggers = Vec::with_capacity(chunk.len());
             let mut trace_ids: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
-            for entry in chunk {
-                emails.push(entry.change.email.as_str());
+            for entry in &chunk {
+                emails.push(&*entry.change.email);
                 objects.push(entry.change.object.name());
                 record_ids.push(entry.change.id.as_str());
                 olds.push(entry.change.old);

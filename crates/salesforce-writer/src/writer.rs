@@ -2,7 +2,7 @@
 //! for the current decisions, read the current field values, write only the differences, audit
 //! them, acknowledge applied opt-in evidence, and re-check that no decision moved meanwhile.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,7 +21,7 @@ use optout_telemetry::grpc::WithTrace;
 use tracing::Instrument as _;
 
 use crate::metrics::WriterMetrics;
-use crate::plan::{self, COLLECTION_LIMIT, Change, CurrentRecord, SfObject, Target};
+use crate::plan::{self, COLLECTION_LIMIT, Change, CurrentRecord, ReadPacker, SfObject, Target};
 use crate::store::{AuditEntry, Store};
 use crate::{Error, Result};
 
@@ -252,10 +252,6 @@ pub(crate) struct Writer {
     pub(crate) objects: Vec<SfObject>,
     pub(crate) person_accounts: bool,
     pub(crate) bulk_threshold: usize,
-    /// Emails a pass plans at a time (`--plan-slice`). A slice's reads end with a partly filled
-    /// statement per object, so larger slices spend fewer calls and smaller ones less memory;
-    /// at 10,000 the 30,000-email pass of a 1M first sync reads 160 times where it read 156.
-    pub(crate) plan_slice: usize,
     pub(crate) counters: Counters,
     pub(crate) metrics: Arc<WriterMetrics>,
     busy: AtomicU64,
@@ -278,7 +274,6 @@ impl Writer {
         objects: Vec<SfObject>,
         person_accounts: bool,
         bulk_threshold: usize,
-        plan_slice: usize,
         metrics: Arc<WriterMetrics>,
     ) -> Self {
         Self {
@@ -291,7 +286,6 @@ impl Writer {
             objects,
             person_accounts,
             bulk_threshold,
-            plan_slice: plan_slice.max(1),
             counters: Counters::new(),
             metrics,
             busy: AtomicU64::new(0),
@@ -407,10 +401,10 @@ impl Writer {
             report.planned = changes;
             return Ok(report);
         }
+        // Only opt-outs carry their Mailchimp time (`Target::opted_out_at`).
         let opt_out_times = || {
             changes
                 .iter()
-                .filter(|change| change.new)
                 .filter_map(|change| Some((&change.email, change.opted_out_at?)))
         };
         let _in_hand = opt_out_times()
@@ -440,24 +434,16 @@ impl Writer {
             options.trace_ids.get(index)?.as_deref()
         };
 
-        let mut audit = Vec::new();
         let mut unsettled = BTreeSet::new();
         let mut written_emails = BTreeSet::new();
         for (change, outcome) in changes.iter().zip(&outcomes) {
             match outcome {
                 RecordOutcome::Written => {
                     self.counters.add(change.object.written_counter(), 1);
-                    let opt_out_time = change.opted_out_at.filter(|_| change.new);
-                    self.metrics.written(change.object.sobject(), opt_out_time);
+                    self.metrics
+                        .written(change.object.sobject(), change.opted_out_at);
                     report.written += 1;
-                    written_emails.insert(change.email.as_str());
-                    audit.push(AuditEntry {
-                        change,
-                        trigger: options.trigger.as_str(),
-                        trace_id: write_trace
-                            .as_deref()
-                            .or_else(|| message_trace(&change.email)),
-                    });
+                    written_emails.insert(&*change.email);
                 }
                 RecordOutcome::ConvertedLead => {
                     tracing::info!(record_id = %change.id, email = %change.email, "skipped converted lead");
@@ -465,15 +451,15 @@ impl Writer {
                 RecordOutcome::Retryable(reason) => {
                     tracing::warn!(record_id = %change.id, object = %change.object, %reason, "record still failing after retries");
                     self.keep_in_hand(change);
-                    unsettled.insert(change.email.as_str());
-                    report.retry.insert(change.email.clone());
+                    unsettled.insert(&*change.email);
+                    report.retry.insert(change.email.to_string());
                 }
                 RecordOutcome::Failed(rejection) => {
                     self.counters.add("write_failures", 1);
                     self.metrics
                         .failed(change.object.sobject(), &rejection.status_code);
                     self.keep_in_hand(change);
-                    unsettled.insert(change.email.as_str());
+                    unsettled.insert(&*change.email);
                     self.dead_letter(change, &rejection.status_code, &rejection.message)
                         .await?;
                 }
@@ -485,11 +471,24 @@ impl Writer {
             }
         }
         // Audit before acknowledging anything, so a crash here replays rather than forgets.
-        self.store.insert_audit(&audit).await?;
-        drop(audit);
+        // Boxed: the closures' borrows would otherwise trip the `Send` check of the pass's future.
+        let audit: Box<dyn Iterator<Item = AuditEntry<'_>> + Send + '_> = Box::new(
+            changes
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, outcome)| matches!(outcome, RecordOutcome::Written))
+                .map(|(change, _)| AuditEntry {
+                    change,
+                    trigger: options.trigger.as_str(),
+                    trace_id: write_trace
+                        .as_deref()
+                        .or_else(|| message_trace(&change.email)),
+                }),
+        );
+        self.store.insert_audit(audit).await?;
 
         for target in &opt_ins {
-            if !unsettled.contains(target.email.as_str()) {
+            if !unsettled.contains(&*target.email) {
                 self.ack_opt_in(target).await?;
             }
         }
@@ -499,81 +498,92 @@ impl Writer {
 
     /// Keeps the opt-out of a change the pass could not write on the oldest-unwritten gauge.
     fn keep_in_hand(&self, change: &Change) {
-        if let (true, Some(time)) = (change.new, change.opted_out_at) {
+        if let Some(time) = change.opted_out_at {
             self.metrics.still_in_hand(&change.email, time);
         }
     }
 
-    /// The records of `emails` that differ from their decision, planned a slice of emails at a
-    /// time: decisions, targets and the records read are held for one slice only, so a pass's
-    /// memory grows with the records it changes rather than with the emails it checks (a first
-    /// sync hands in tens of thousands, most of them already right in Salesforce).
+    /// The records of `emails` that differ from their decision. Decisions stream in (a thousand
+    /// emails per request, a few requests in flight) and each object's reads are packed from
+    /// their targets as they come; a read goes out once full and its rows are compared at once.
+    /// So a pass holds the targets of a few reads whatever its size (a first sync hands in tens
+    /// of thousands of emails, most of them already right in Salesforce), and reads in as few
+    /// statements as if it had packed every email at once. Only the records to change are kept
+    /// for the whole pass, to be written together.
     async fn plan(&self, emails: &[String], opt_out_only: bool) -> Result<Planned> {
+        use futures::StreamExt as _;
         let mut planned = Planned::default();
-        for slice in emails.chunks(self.plan_slice) {
-            let mut targets = BTreeMap::new();
-            let mut chunks = std::pin::pin!(self.decide_chunks(slice));
-            while let Some(decisions) = futures::TryStreamExt::try_next(&mut chunks).await? {
-                targets.extend(plan::targets(&decisions, opt_out_only));
+        let mut rules = plan::RuleTexts::default();
+        let mut packers: Vec<ReadPacker> = self
+            .objects
+            .iter()
+            .map(|object| ReadPacker::new(*object, self.person_accounts))
+            .collect();
+        let mut decisions = std::pin::pin!(self.decide_chunks(emails));
+        let mut waiting: VecDeque<plan::Read> = VecDeque::new();
+        let mut reads = futures::stream::FuturesUnordered::new();
+        let mut decided = false;
+        loop {
+            while reads.len() < READ_CONCURRENCY {
+                let Some(read) = waiting.pop_front() else {
+                    break;
+                };
+                reads.push(self.read(read));
             }
-            if targets.is_empty() {
-                continue;
+            if decided && reads.is_empty() {
+                break;
             }
-            let changes = self.read_changes(&targets).await?;
-            // Opt-in evidence is acknowledged once the pass has written (or found nothing to
-            // uncheck); such targets are rare, every other target ends with its slice.
-            planned.opt_ins.extend(
-                targets
-                    .into_values()
-                    .filter(|target| !target.opted_out && target.evidence_id != 0),
-            );
-            planned.changes.extend(changes);
+            // More decisions only while few reads wait for a slot: what the pass holds stays a
+            // few reads' worth of targets. One of the two branches is always enabled: reads are
+            // under way, or none wait and the decisions are not all in.
+            let decide = !decided && waiting.len() < READ_CONCURRENCY;
+            tokio::select! {
+                chunk = decisions.next(), if decide => match chunk {
+                    Some(chunk) => {
+                        let targets = plan::targets_with(&chunk?, opt_out_only, &mut rules);
+                        for target in targets.into_values() {
+                            // Acknowledged once the pass has written (or found nothing to
+                            // uncheck); such targets are rare.
+                            if !target.opted_out && target.evidence_id != 0 {
+                                planned.opt_ins.push(target.clone());
+                            }
+                            let target = Arc::new(target);
+                            waiting.extend(packers.iter_mut().filter_map(|packer| packer.push(&target)));
+                        }
+                    }
+                    None => {
+                        decided = true;
+                        waiting.extend(packers.iter_mut().filter_map(ReadPacker::finish));
+                    }
+                },
+                Some(changes) = reads.next(), if !reads.is_empty() => planned.changes.extend(changes?),
+            }
         }
-        // Slices hold distinct emails, hence distinct records; one order for the whole pass.
+        // Reads hold distinct emails per object, hence distinct records; one order for the pass.
         planned
             .changes
             .sort_by(|left, right| (left.object, &left.id).cmp(&(right.object, &right.id)));
+        planned
+            .changes
+            .dedup_by(|left, right| left.object == right.object && left.id == right.id);
         // Grown by doubling, the vector may hold up to twice its length for the rest of the pass.
         planned.changes.shrink_to_fit();
         Ok(planned)
     }
 
-    /// Reads the current values of every enabled object's records of the targets' emails and
-    /// returns those that differ from their target, in a stable order. Each statement's rows are
-    /// compared as they come, so a pass never holds every record it read.
-    async fn read_changes(&self, targets: &BTreeMap<String, Target>) -> Result<Vec<Change>> {
-        use futures::{StreamExt as _, TryStreamExt as _};
-        let emails: Vec<String> = targets.keys().cloned().collect();
-        let statements: Vec<(SfObject, String)> = self
-            .objects
+    /// Reads the current values of one read's records and returns those that differ from their
+    /// target; the rows are compared as they come, so a pass never holds every record it read.
+    /// Salesforce allows 25 long-running requests per org; a pass keeps `READ_CONCURRENCY` in
+    /// flight, as one at a time it would spend most of its time waiting on round trips.
+    async fn read(&self, read: plan::Read) -> Result<Vec<Change>> {
+        let rows: Vec<Value> = self.salesforce.query(&read.soql).await?;
+        self.counters.add("records_read", rows.len() as u64);
+        let records: Vec<CurrentRecord> = rows
             .iter()
-            .flat_map(|object| {
-                plan::read_queries(*object, &emails, self.person_accounts)
-                    .into_iter()
-                    .map(|soql| (*object, soql))
-            })
+            .filter_map(|row| plan::parse_record(read.object, row))
             .collect();
-        drop(emails);
-        // A few reads in flight: one at a time, a pass of tens of thousands of emails spends most
-        // of its time waiting on round trips. Salesforce allows 25 long-running requests per org.
-        let mut reads = futures::stream::iter(statements)
-            .map(|(object, soql)| async move {
-                let rows: Vec<Value> = self.salesforce.query(&soql).await?;
-                Ok::<_, Error>((object, rows))
-            })
-            .buffer_unordered(READ_CONCURRENCY);
-        let mut changes = Vec::new();
-        while let Some((object, rows)) = reads.try_next().await? {
-            self.counters.add("records_read", rows.len() as u64);
-            let records: Vec<CurrentRecord> = rows
-                .iter()
-                .filter_map(|row| plan::parse_record(object, row))
-                .collect();
-            changes.extend(plan::diff(targets, &records));
-        }
-        changes.sort_by(|left, right| (left.object, &left.id).cmp(&(right.object, &right.id)));
-        changes.dedup_by(|left, right| left.object == right.object && left.id == right.id);
-        Ok(changes)
+        drop(rows);
+        Ok(read.diff(&records))
     }
 
     /// Writes `changes` and returns one outcome per change, retrying transient failures.
@@ -721,7 +731,7 @@ impl Writer {
             .persons_dirty_queue(self.topology.partition_for(&change.email));
         let dead_letter_queue = self.topology.dead_letter_queue(&queue);
         let body = PersonsDirty {
-            emails: vec![change.email.clone()],
+            emails: vec![change.email.to_string()],
             reason: reason.clone(),
         };
         let mut headers = lapin::types::FieldTable::default();
@@ -749,7 +759,7 @@ impl Writer {
             .decisions
             .clone()
             .ack_opt_in(AckOptInRequest {
-                email: target.email.clone(),
+                email: target.email.to_string(),
                 opt_in_evidence_id: target.evidence_id,
             })
             .instrument(optout_telemetry::grpc::client_span(
@@ -775,8 +785,8 @@ impl Writer {
         // Sorted by email, to be looked up by binary search and asked in groups.
         let mut planned: Vec<(&str, i64)> = changes
             .iter()
-            .filter(|change| written.contains(change.email.as_str()))
-            .map(|change| (change.email.as_str(), change.version))
+            .filter(|change| written.contains(&*change.email))
+            .map(|change| (&*change.email, change.version))
             .collect();
         planned.sort_unstable();
         planned.dedup_by_key(|(email, _)| *email);

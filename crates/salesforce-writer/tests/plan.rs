@@ -1,12 +1,13 @@
 //! Unit tests of the pure write planning: targets, diff, SOQL and CSV.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
 use optout_proto::evaluator::v1::{Decision, PersonDecision};
 use optout_salesforce_writer::plan::{
-    self, Change, CurrentRecord, MAX_SOQL_LEN, SfObject, Target, diff, parse_record, poll_query,
-    read_queries, target_for, targets,
+    self, Change, CurrentRecord, MAX_SOQL_LEN, Read, ReadPacker, SfObject, Target, diff,
+    parse_record, poll_query, read_queries, target_for, targets,
 };
 use proptest::prelude::*;
 use serde_json::json;
@@ -37,7 +38,7 @@ fn target_map(list: &[(&str, bool, i64)]) -> BTreeMap<String, Target> {
             (
                 (*email).to_owned(),
                 Target {
-                    email: (*email).to_owned(),
+                    email: (*email).into(),
                     opted_out: *opted_out,
                     rule: "rule".into(),
                     version: 1,
@@ -87,7 +88,7 @@ fn an_opt_out_keeps_its_mailchimp_time_and_targets_share_their_rule_text() {
 fn opt_out_decision_asks_for_a_checked_box() {
     let target = target_for(&decision(" Ann@Example.COM ", Decision::OptOut, 0)).expect("a target");
     assert!(target.opted_out);
-    assert_eq!(target.email, "ann@example.com");
+    assert_eq!(&*target.email, "ann@example.com");
     assert_eq!(target.evidence_id, 0);
     assert_eq!(target.version, 7);
 }
@@ -155,7 +156,7 @@ proptest! {
         for target in wanted.values() {
             if !target.opted_out {
                 prop_assert!(target.evidence_id != 0);
-                prop_assert!(decisions.iter().any(|d| plan::normalize_email(&d.email) == target.email
+                prop_assert!(decisions.iter().any(|d| plan::normalize_email(&d.email) == *target.email
                     && d.decision == Decision::OptIn as i32 && d.opt_in_evidence_id == target.evidence_id));
             }
         }
@@ -164,7 +165,7 @@ proptest! {
             .map(|(index, (d, value))| record(SfObject::Contact, &format!("003{index:015}"), &d.email.to_uppercase(), *value))
             .collect();
         for change in diff(&wanted, &records) {
-            let target = &wanted[&change.email];
+            let target = &wanted[&*change.email];
             prop_assert_eq!(change.new, target.opted_out);
             prop_assert_ne!(change.old, change.new);
             if !change.new {
@@ -180,7 +181,7 @@ fn diff_matches_emails_case_insensitively() {
     let records = [record(SfObject::Contact, "003A", " ANN@Example.com", false)];
     let changes = diff(&wanted, &records);
     assert_eq!(changes.len(), 1);
-    assert_eq!(changes[0].email, "ann@example.com");
+    assert_eq!(&*changes[0].email, "ann@example.com");
 }
 
 #[test]
@@ -286,6 +287,85 @@ fn read_queries_cover_every_email_once_and_fit_the_url_limit() {
 }
 
 #[test]
+fn targets_packed_as_they_come_make_the_fewest_reads_each_naming_its_own_targets() {
+    // Pushed one at a time, in reverse order: a read sorts its targets for `Read::diff`.
+    let targets: Vec<Arc<Target>> = (0..3000)
+        .rev()
+        .map(|index| {
+            Arc::new(Target {
+                email: format!("person{index:05}.o'brien@example.com").into(),
+                opted_out: true,
+                rule: "rule".into(),
+                version: 1,
+                evidence_id: 0,
+                opted_out_at: None,
+            })
+        })
+        .collect();
+    let objects = [SfObject::Contact, SfObject::Lead];
+    let mut packers = objects.map(|object| ReadPacker::new(object, false));
+    let mut reads = Vec::new();
+    let mut most_held = [0; 2];
+    for target in &targets {
+        for (packer, most) in packers.iter_mut().zip(&mut most_held) {
+            reads.extend(packer.push(target));
+            *most = (*most).max(packer.pending());
+        }
+    }
+    for packer in &mut packers {
+        reads.extend(packer.finish());
+        assert_eq!(packer.pending(), 0);
+        assert!(
+            packer.finish().is_none(),
+            "a packer hands each read out once"
+        );
+    }
+    let emails: Vec<String> = targets
+        .iter()
+        .map(|target| target.email.to_string())
+        .collect();
+    for (object, most_held) in objects.into_iter().zip(most_held) {
+        let of_object: Vec<&Read> = reads.iter().filter(|read| read.object == object).collect();
+        let at_once = read_queries(object, &emails, false);
+        assert!(at_once.len() > 2, "3000 addresses need several statements");
+        // As full as packing every email at once: the same statements.
+        assert_eq!(
+            of_object
+                .iter()
+                .map(|read| read.soql.as_str())
+                .collect::<Vec<_>>(),
+            at_once
+        );
+        for read in &of_object {
+            let mut named = optout_salesforce::soql::literals(&read.soql).expect("lexes");
+            named.sort();
+            let held: Vec<&str> = read.targets.iter().map(|target| &*target.email).collect();
+            assert_eq!(
+                named, held,
+                "a read holds exactly the targets it names, sorted"
+            );
+            // Every record of a read's emails is compared with its own target.
+            let records: Vec<CurrentRecord> = held
+                .iter()
+                .enumerate()
+                .map(|(index, email)| record(object, &format!("003{index:05}"), email, false))
+                .collect();
+            assert_eq!(read.diff(&records).len(), records.len());
+            assert!(
+                read.diff(&[record(object, "003X", "someone@else.com", false)])
+                    .is_empty()
+            );
+        }
+        // Held between reads: never more than one statement's worth per object.
+        let largest = of_object.iter().map(|read| read.targets.len()).max();
+        assert!(
+            Some(most_held) <= largest,
+            "held {most_held}, largest read {largest:?}"
+        );
+    }
+}
+
+#[test]
 fn poll_query_reads_unchecked_records_since_the_watermark_minus_one_second() {
     let watermark = Utc
         .with_ymd_and_hms(2024, 5, 1, 10, 0, 0)
@@ -330,7 +410,7 @@ fn bulk_csv_and_errors_use_the_object_field() {
     let change = Change {
         object: SfObject::PersonAccount,
         id: "001A".to_owned(),
-        email: "a@x.com".to_owned(),
+        email: "a@x.com".into(),
         old: false,
         new: true,
         reason: "r".into(),

@@ -17,6 +17,7 @@ use optout_proto::evaluator::v1::{
 };
 use optout_proto::queue::v1::PersonsDirty;
 use optout_salesforce_writer::Config;
+use optout_salesforce_writer::plan::{self, SfObject};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -919,22 +920,26 @@ async fn locked_rows_are_retried_and_large_diffs_go_through_bulk_jobs() -> Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pass_larger_than_a_plan_slice_reads_per_slice_and_writes_once_per_object() -> Result<()>
-{
-    let mut app =
-        TestApp::spawn_with(false, &["--plan-slice", "40", "--bulk-threshold", "20"]).await?;
-    // 103 emails in one pass: three slices of at most 40. Opt-outs whose records need checking,
-    // opt-outs already right, and opt-ins with evidence spread over every slice.
-    let emails: Vec<String> = (0..103)
-        .map(|index| format!("slice{index:03}@example.com"))
+async fn a_pass_of_several_decide_requests_reads_in_full_statements_and_writes_once_per_object()
+-> Result<()> {
+    let mut app = TestApp::spawn_with(false, &["--bulk-threshold", "20"]).await?;
+    // 2,300 emails in one pass: three Decide requests, and long addresses, so each object's
+    // reads take several statements. Opt-outs whose records need checking, opt-outs already
+    // right, opt-ins with evidence, and opt-outs without records, spread over the whole pass.
+    let emails: Vec<String> = (0..2300)
+        .map(|index| format!("a-long-address-to-fill-statements-{index:04}@example.com"))
         .collect();
     let mut to_check = Vec::new();
     let mut evidence = Vec::new();
     for (index, email) in emails.iter().enumerate() {
-        let (checked, decision, evidence_id) = match index % 10 {
-            0 => (true, Decision::OptIn, 1000 + index as i64),
+        let (checked, decision, evidence_id) = match index % 20 {
+            0 => (true, Decision::OptIn, 10_000 + index as i64),
             1 => (true, Decision::OptOut, 0),
-            _ => (false, Decision::OptOut, 0),
+            2 => (false, Decision::OptOut, 0),
+            _ => {
+                app.fake.set(email, Decision::OptOut, 0);
+                continue;
+            }
         };
         app.create(
             "Contact",
@@ -953,6 +958,21 @@ async fn a_pass_larger_than_a_plan_slice_reads_per_slice_and_writes_once_per_obj
             to_check.push(email.as_str());
         }
     }
+    // Every email has a target, so the fewest reads are those of packing all of them at once;
+    // packing each Decide answer on its own would end a partly filled statement per object per
+    // answer.
+    let fewest: usize = [SfObject::Contact, SfObject::Lead]
+        .iter()
+        .map(|object| plan::read_queries(*object, &emails, false).len())
+        .sum();
+    let per_answer: usize = emails
+        .chunks(1000)
+        .flat_map(|chunk| {
+            [SfObject::Contact, SfObject::Lead]
+                .map(|object| plan::read_queries(object, chunk, false).len())
+        })
+        .sum();
+    assert!(fewest < per_answer, "{fewest} reads against {per_answer}");
 
     let before = app.salesforce_calls().await?;
     // Without a trace of its own (no exporter here), each audit row names the trace of the
@@ -988,13 +1008,11 @@ async fn a_pass_larger_than_a_plan_slice_reads_per_slice_and_writes_once_per_obj
         after.get(endpoint).copied().unwrap_or(0) - before.get(endpoint).copied().unwrap_or(0)
     };
 
-    // What every slice planned is written together: one Bulk job per object for the whole pass
-    // (92 records each: 81 to check, 11 to uncheck), where writing slice by slice would have
-    // paid a job per object per slice.
+    // Written together: one Bulk job per object for the whole pass (230 records each: 115 to
+    // check, 115 to uncheck).
     assert_eq!(delta("POST /jobs/ingest"), 2, "calls: {after:?}");
     assert_eq!(delta("PATCH /composite/sobjects"), 0, "calls: {after:?}");
-    // Each slice read its own records: one statement per object per slice.
-    assert_eq!(delta("GET /query"), 6, "calls: {after:?}");
+    assert_eq!(delta("GET /query"), fewest as u64, "calls: {after:?}");
     for email in &to_check {
         let rows = app.audit_rows(email).await?;
         assert_eq!(rows.len(), 2, "audit rows of {email}: {rows:?}");
@@ -1014,14 +1032,14 @@ async fn a_pass_larger_than_a_plan_slice_reads_per_slice_and_writes_once_per_obj
             "opt-in of {email} not written: {records:?}"
         );
     }
-    // Opt-in evidence of the first slices is acknowledged too, once the pass has written.
+    // Opt-in evidence of the first answers is acknowledged too, once the pass has written.
     let mut acks = app.fake.acks();
     acks.sort();
     assert_eq!(acks, evidence);
     let status = app.status().await?;
     assert_eq!(
         status.counters.get("written_contact"),
-        Some(&(to_check.len() as i64 + 11))
+        Some(&(to_check.len() as i64 + evidence.len() as i64))
     );
     assert_eq!(status.counters.get("write_failures"), Some(&0));
     app.stop().await

@@ -67,26 +67,81 @@ pub fn chunk_in_clauses(
     suffix: &str,
     max_len: usize,
 ) -> Vec<String> {
-    let fixed = encoded_len(prefix) + encoded_len("()") + encoded_len(suffix);
-    let comma = encoded_len(",");
-    let mut statements = Vec::new();
-    let mut current: Vec<String> = Vec::new();
-    let mut current_len = fixed;
-    for value in values {
-        let quoted = quote(value);
-        let added = encoded_len(&quoted) + if current.is_empty() { 0 } else { comma };
-        if !current.is_empty() && current_len + added > max_len {
-            statements.push(format!("{prefix}({}){suffix}", current.join(",")));
-            current.clear();
-            current_len = fixed;
-        }
-        current_len += encoded_len(&quoted) + if current.is_empty() { 0 } else { comma };
-        current.push(quoted);
-    }
-    if !current.is_empty() {
-        statements.push(format!("{prefix}({}){suffix}", current.join(",")));
-    }
+    let mut packer = InClausePacker::new(prefix, suffix, max_len);
+    let mut statements: Vec<String> = values
+        .iter()
+        .filter_map(|value| packer.push(value))
+        .collect();
+    statements.extend(packer.finish());
     statements
+}
+
+/// [`chunk_in_clauses`] one value at a time, for values that arrive as a stream: a statement is
+/// handed out as soon as the next value would not fit, so only one partly filled list is held.
+#[derive(Clone, Debug)]
+pub struct InClausePacker {
+    prefix: String,
+    suffix: String,
+    max_len: usize,
+    /// Encoded length of the statement around an empty list.
+    fixed: usize,
+    /// The quoted values so far, comma-separated.
+    list: String,
+    /// Encoded length of the statement holding `list`.
+    len: usize,
+    values: usize,
+}
+
+impl InClausePacker {
+    /// Packs into `{prefix}(...){suffix}` statements of at most `max_len` encoded bytes.
+    pub fn new(prefix: &str, suffix: &str, max_len: usize) -> Self {
+        let fixed = encoded_len(prefix) + encoded_len("()") + encoded_len(suffix);
+        Self {
+            prefix: prefix.to_owned(),
+            suffix: suffix.to_owned(),
+            max_len,
+            fixed,
+            list: String::new(),
+            len: fixed,
+            values: 0,
+        }
+    }
+
+    /// Adds `value`; returns the statement of the values before it when `value` did not fit.
+    pub fn push(&mut self, value: &str) -> Option<String> {
+        let quoted = quote(value);
+        let added = encoded_len(&quoted);
+        let full = if self.values > 0 && self.len + encoded_len(",") + added > self.max_len {
+            self.finish()
+        } else {
+            None
+        };
+        if self.values > 0 {
+            self.list.push(',');
+            self.len += encoded_len(",");
+        }
+        self.list.push_str(&quoted);
+        self.len += added;
+        self.values += 1;
+        full
+    }
+
+    /// The statement of the values not handed out yet, if any; the packer starts over empty.
+    pub fn finish(&mut self) -> Option<String> {
+        if self.values == 0 {
+            return None;
+        }
+        let statement = format!("{}({}){}", self.prefix, self.list, self.suffix);
+        self.list.clear();
+        self.len = self.fixed;
+        self.values = 0;
+        Some(statement)
+    }
+
+    /// Values held, not handed out yet.
+    pub fn pending(&self) -> usize {
+        self.values
+    }
 }
 
 /// Reads one literal starting at `text[0] == '\''` the way Salesforce's lexer does;
