@@ -435,7 +435,9 @@ impl Writer {
         };
 
         let mut unsettled = BTreeSet::new();
-        let mut written_emails = BTreeSet::new();
+        // Each written email with the decision version its changes were planned from (every
+        // change of an email comes from the same decision), for the recheck.
+        let mut written_emails = BTreeMap::new();
         for (change, outcome) in changes.iter().zip(&outcomes) {
             match outcome {
                 RecordOutcome::Written => {
@@ -443,7 +445,7 @@ impl Writer {
                     self.metrics
                         .written(change.object.sobject(), change.opted_out_at);
                     report.written += 1;
-                    written_emails.insert(&*change.email);
+                    written_emails.insert(&*change.email, change.version);
                 }
                 RecordOutcome::ConvertedLead => {
                     tracing::info!(record_id = %change.id, email = %change.email, "skipped converted lead");
@@ -465,7 +467,7 @@ impl Writer {
                 }
             }
         }
-        for email in &written_emails {
+        for email in written_emails.keys() {
             if !unsettled.contains(email) {
                 self.metrics.settled(email);
             }
@@ -492,7 +494,7 @@ impl Writer {
                 self.ack_opt_in(target).await?;
             }
         }
-        self.recheck(&changes, &written_emails).await?;
+        self.recheck(&written_emails).await?;
         Ok(report)
     }
 
@@ -776,33 +778,25 @@ impl Writer {
 
     /// Asks again for the emails just written: a decision that moved while we wrote (a concurrent
     /// Mailchimp change, or another writer's poll cycle) is republished so it converges.
-    async fn recheck(&self, changes: &[Change], written: &BTreeSet<&str>) -> Result<()> {
+    async fn recheck(&self, written: &BTreeMap<&str, i64>) -> Result<()> {
         use futures::TryStreamExt as _;
-        if written.is_empty() {
-            return Ok(());
-        }
-        // Every change of an email was planned from the same decision, hence the same version.
-        // Sorted by email, to be looked up by binary search and asked in groups.
-        let mut planned: Vec<(&str, i64)> = changes
-            .iter()
-            .filter(|change| written.contains(&*change.email))
-            .map(|change| (&*change.email, change.version))
-            .collect();
-        planned.sort_unstable();
-        planned.dedup_by_key(|(email, _)| *email);
         let mut moved = Vec::new();
+        let mut last: Option<String> = None;
         // A group at a time, so the emails asked are copied a group at a time too.
-        for group in planned.chunks(DECIDE_CHUNK * DECIDE_CONCURRENCY) {
-            let emails: Vec<String> = group.iter().map(|(email, _)| (*email).to_owned()).collect();
+        loop {
+            let emails = group_after(written, last.as_deref(), DECIDE_CHUNK * DECIDE_CONCURRENCY);
+            let Some(end) = emails.last() else {
+                break;
+            };
+            last = Some(end.clone());
             let mut chunks = std::pin::pin!(self.decide_chunks(&emails));
             while let Some(decisions) = chunks.try_next().await? {
                 for decision in decisions {
                     let email = plan::normalize_email(&decision.email);
-                    let planned_version = group
-                        .binary_search_by(|(candidate, _)| (*candidate).cmp(email.as_str()))
-                        .ok()
-                        .map(|position| group[position].1);
-                    if planned_version.is_some_and(|version| version != decision.version) {
+                    if written
+                        .get(email.as_str())
+                        .is_some_and(|version| *version != decision.version)
+                    {
                         moved.push(email);
                     }
                 }
@@ -897,6 +891,19 @@ pub(crate) fn email_key(email: &str) -> u64 {
     hasher.finish()
 }
 
+/// Up to `size` emails of `written` that sort after `after`, in order. A function of its own, so
+/// no map iterator is held across the recheck's awaits (which trips the `Send` check of the
+/// pass's future).
+fn group_after(written: &BTreeMap<&str, i64>, after: Option<&str>, size: usize) -> Vec<String> {
+    use std::ops::Bound;
+    let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+    written
+        .range::<&str, _>((start, Bound::Unbounded))
+        .take(size)
+        .map(|(email, _)| (*email).to_owned())
+        .collect()
+}
+
 /// What to do with each message once its emails were written: redeliver it when the pass
 /// failed (`Err`, its reason) or any of its emails is in the retry set, else acknowledge it.
 /// `keys` are the messages' email keys from [`dirty_batch`].
@@ -988,5 +995,21 @@ mod tests {
             outcomes(&batch.keys, &Err("evaluator down".to_owned())),
             [failed.clone(), failed.clone(), failed.clone(), failed]
         );
+    }
+
+    #[test]
+    fn the_recheck_asks_every_written_email_once_a_group_at_a_time() {
+        let emails: Vec<String> = (0..10).map(|index| format!("p{index}@x.com")).collect();
+        let written: BTreeMap<&str, i64> = emails.iter().map(|email| (email.as_str(), 1)).collect();
+        let mut asked = Vec::new();
+        let mut last: Option<String> = None;
+        loop {
+            let group = group_after(&written, last.as_deref(), 3);
+            assert!(group.len() <= 3);
+            let Some(end) = group.last() else { break };
+            last = Some(end.clone());
+            asked.extend(group);
+        }
+        assert_eq!(asked, emails);
     }
 }
