@@ -8,8 +8,11 @@ use tokio_util::sync::CancellationToken;
 /// Exit code for an unusable configuration (BSD `EX_USAGE` is 64; the brief asks for 2, as clap uses).
 const EXIT_BAD_CONFIG: u8 = 2;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    optout_service::runtime::run("optout-fetcher", serve())
+}
+
+async fn serve() -> ExitCode {
     // Defaults, then `--config FILE`, then OPTOUT_* (and OPTOUT_*_FILE), then flags.
     let config: Config = match optout_service::config::load() {
         Ok(config) => config,

@@ -11,8 +11,11 @@ use tokio_util::sync::CancellationToken;
 /// Time on top of the drain's grace period for closing connections and flushing telemetry.
 const EXIT_MARGIN: Duration = Duration::from_secs(5);
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    optout_service::runtime::run("optout-salesforce-writer", serve())
+}
+
+async fn serve() -> ExitCode {
     // Defaults, then `--config FILE`, then OPTOUT_* (and OPTOUT_*_FILE), then flags.
     let config: Config = match optout_service::config::load() {
         Ok(config) => config,

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod config;
 pub mod health;
+pub mod runtime;
 pub mod signal;
 pub mod tls;
 
