@@ -105,16 +105,58 @@ impl Running {
     where
         A: Fn(&Message<Ping>) -> Outcome + Send + 'static,
     {
+        let limits = (10, 5, Duration::from_millis(100));
+        Self::spawn(broker, queue, limits, None, move |batch| {
+            let outcomes: Vec<Outcome> = batch.iter().map(&answer).collect();
+            for message in batch {
+                let _ = received.send(message);
+            }
+            outcomes
+        })
+    }
+
+    /// A bulk-batching consumer of `members.changed` that sends each batch's ids, in order, to
+    /// the returned receiver and acknowledges the batch.
+    fn start_batches(
+        broker: &Broker,
+        bulk: optout_amqp::BulkBatching,
+    ) -> (Self, mpsc::UnboundedReceiver<Vec<String>>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let queue = broker.topology.members_changed_queue();
+        let limits = (100, 100, Duration::from_millis(50));
+        let running = Self::spawn(broker, &queue, limits, Some(bulk), move |batch| {
+            let ids: Vec<String> = batch
+                .iter()
+                .map(|message| message.body.id.clone())
+                .collect();
+            let _ = sender.send(ids);
+            vec![Outcome::Ack; batch.len()]
+        });
+        (running, receiver)
+    }
+
+    /// Runs `consume` on `queue` with `(prefetch, max_batch, max_wait)`, answering each batch
+    /// with `handle`.
+    fn spawn<H>(
+        broker: &Broker,
+        queue: &str,
+        (prefetch, max_batch, max_wait): (u16, usize, Duration),
+        bulk: Option<optout_amqp::BulkBatching>,
+        mut handle: H,
+    ) -> Self
+    where
+        H: FnMut(Vec<Message<Ping>>) -> Vec<Outcome> + Send + 'static,
+    {
         let shutdown = CancellationToken::new();
         let (paused, paused_receiver) = watch::channel(false);
         let in_flight = Arc::new(AtomicU64::new(0));
         let options = ConsumeOptions {
-            prefetch: 10,
-            max_batch: 5,
-            max_wait: Duration::from_millis(100),
+            prefetch,
+            max_batch,
+            max_wait,
             paused: paused_receiver,
             in_flight: in_flight.clone(),
-            bulk: None,
+            bulk,
         };
         let connection = broker.connection.clone();
         let topology = broker.topology.clone();
@@ -128,10 +170,7 @@ impl Running {
                 options,
                 token,
                 move |batch: Vec<Message<Ping>>| {
-                    let outcomes: Vec<Outcome> = batch.iter().map(&answer).collect();
-                    for message in batch {
-                        let _ = received.send(message);
-                    }
+                    let outcomes = handle(batch);
                     async move { outcomes }
                 },
             )
@@ -143,55 +182,6 @@ impl Running {
             in_flight,
             task,
         }
-    }
-
-    /// A bulk-batching consumer of `members.changed` that sends each batch's ids, in order, to
-    /// the returned receiver and acknowledges the batch.
-    fn start_batches(
-        broker: &Broker,
-        bulk: optout_amqp::BulkBatching,
-    ) -> (Self, mpsc::UnboundedReceiver<Vec<String>>) {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let shutdown = CancellationToken::new();
-        let (paused, paused_receiver) = watch::channel(false);
-        let in_flight = Arc::new(AtomicU64::new(0));
-        let options = ConsumeOptions {
-            prefetch: 100,
-            max_batch: 100,
-            max_wait: Duration::from_millis(50),
-            paused: paused_receiver,
-            in_flight: in_flight.clone(),
-            bulk: Some(bulk),
-        };
-        let connection = broker.connection.clone();
-        let topology = broker.topology.clone();
-        let queue = topology.members_changed_queue();
-        let token = shutdown.clone();
-        let task = tokio::spawn(async move {
-            consume(
-                &connection,
-                &topology,
-                &queue,
-                options,
-                token,
-                move |batch: Vec<Message<Ping>>| {
-                    let ids: Vec<String> = batch
-                        .iter()
-                        .map(|message| message.body.id.clone())
-                        .collect();
-                    let _ = sender.send(ids);
-                    async move { vec![Outcome::Ack; batch.len()] }
-                },
-            )
-            .await
-        });
-        let running = Self {
-            shutdown,
-            paused,
-            in_flight,
-            task,
-        };
-        (running, receiver)
     }
 
     async fn stop(self) -> anyhow::Result<()> {
