@@ -191,15 +191,12 @@ async fn write_pass(writer: &Writer, pass: Vec<Submission>) {
     }
     // Sorted, as `apply` looks the trace ids up by position.
     let (emails, trace_ids): (Vec<String>, Vec<_>) = union.into_iter().unzip();
+    let count = emails.len();
     let started = Instant::now();
-    let answer = match writer
-        .write_dirty(&emails, trace_ids)
-        .instrument(span)
-        .await
-    {
+    let answer = match writer.write_dirty(emails, trace_ids).instrument(span).await {
         Ok(report) => {
             tracing::info!(
-                emails = emails.len(),
+                emails = count,
                 batches = replies.len(),
                 changes = report.changes,
                 written = report.written,
@@ -209,7 +206,7 @@ async fn write_pass(writer: &Writer, pass: Vec<Submission>) {
             Ok(Arc::new(report.retry))
         }
         Err(error) => {
-            tracing::warn!(error = %error_chain(&error), emails = emails.len(), batches = replies.len(), "write pass failed, its messages will be redelivered");
+            tracing::warn!(error = %error_chain(&error), emails = count, batches = replies.len(), "write pass failed, its messages will be redelivered");
             Err(error.to_string())
         }
     };

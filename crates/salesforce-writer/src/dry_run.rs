@@ -77,6 +77,7 @@ mod tests {
             reason: std::sync::Arc::from("all unsubscribed"),
             version: 1,
             opted_out_at: None,
+            trace_id: None,
         }
     }
 

@@ -137,6 +137,9 @@ pub struct Target {
     /// For an opt-out, when it became effective in Mailchimp: the start of the opt-out latency
     /// and of the oldest-unwritten gauge.
     pub opted_out_at: Option<DateTime<Utc>>,
+    /// The trace of the message that carried the email, if one did: the audit row's trace when
+    /// the pass has none of its own. Shared by the emails of one message.
+    pub trace_id: Option<Arc<str>>,
 }
 
 /// The asymmetry: OPT_OUT → checked; OPT_IN with evidence → unchecked; anything else → no target.
@@ -170,6 +173,7 @@ fn target_with(decision: &PersonDecision, rules: &mut RuleTexts) -> Option<Targe
             decision.opt_in_evidence_id
         },
         opted_out_at,
+        trace_id: None,
     })
 }
 
@@ -266,6 +270,8 @@ pub struct Change {
     pub version: i64,
     /// For an opt-out, when it became effective in Mailchimp (see [`Target::opted_out_at`]).
     pub opted_out_at: Option<DateTime<Utc>>,
+    /// See [`Target::trace_id`].
+    pub trace_id: Option<Arc<str>>,
 }
 
 /// Records whose value differs from their email's target, each record once, in a stable order.
@@ -296,6 +302,7 @@ fn diff_by<'a>(
             reason: Arc::clone(&target.rule),
             version: target.version,
             opted_out_at: target.opted_out_at,
+            trace_id: target.trace_id.clone(),
         });
     }
     changes.sort_by(|left, right| (left.object, &left.id).cmp(&(right.object, &right.id)));

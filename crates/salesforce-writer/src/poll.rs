@@ -81,7 +81,6 @@ async fn poll_object(
         trigger: Trigger::SalesforcePoll,
         dry_run,
         opt_out_only: true,
-        trace_ids: Vec::new(),
     };
     let mut pages = pin!(writer.salesforce.query_stream::<Value>(soql));
     let mut newest: Option<DateTime<Utc>> = None;
@@ -102,7 +101,7 @@ async fn poll_object(
             }
         }
         let emails: Vec<String> = emails.into_iter().collect();
-        let applied = writer.apply(&emails, &options).await?;
+        let applied = writer.apply(emails, Vec::new(), &options).await?;
         report.changes += applied.changes;
         report.written += applied.written;
         report.planned.extend(applied.planned);

@@ -68,9 +68,6 @@ pub(crate) struct ApplyOptions {
     pub(crate) dry_run: bool,
     /// Act on opt-outs only (the poll never unchecks).
     pub(crate) opt_out_only: bool,
-    /// Trace id of the message that carried each email, in the order of the pass's emails
-    /// (empty when no message did). One message's trace id is shared by all its emails.
-    pub(crate) trace_ids: Vec<Option<Arc<str>>>,
 }
 
 /// What a pass must write, and what it needs once written.
@@ -309,7 +306,7 @@ impl Writer {
     /// redelivered.
     pub(crate) async fn write_dirty(
         &self,
-        emails: &[String],
+        emails: Vec<String>,
         trace_ids: Vec<Option<Arc<str>>>,
     ) -> Result<ApplyReport> {
         let _busy = self.busy_guard();
@@ -318,9 +315,8 @@ impl Writer {
             trigger: Trigger::Mailchimp,
             dry_run: false,
             opt_out_only: false,
-            trace_ids,
         };
-        self.apply(emails, &options).await
+        self.apply(emails, trace_ids, &options).await
     }
 
     /// Current decisions for `emails`, asked in chunks, a few at once.
@@ -362,10 +358,14 @@ impl Writer {
     }
 
     /// One pass of the write path over `emails` (already normalised and distinct; sorted when
-    /// `options.trace_ids` is not empty).
+    /// `trace_ids` is not empty). `trace_ids` holds the trace id of the message that carried each
+    /// email, in the order of `emails` (empty when no message did; one message's trace id is
+    /// shared by all its emails). Both are dropped once the pass is planned: only the records to
+    /// change, each with its message's trace, are kept while they are written.
     pub(crate) async fn apply(
         &self,
-        emails: &[String],
+        emails: Vec<String>,
+        trace_ids: Vec<Option<Arc<str>>>,
         options: &ApplyOptions,
     ) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
@@ -384,7 +384,10 @@ impl Writer {
         } else {
             Some(self.write_gate.read().await)
         };
-        let Planned { changes, opt_ins } = self.plan(emails, options.opt_out_only).await?;
+        let Planned { changes, opt_ins } =
+            self.plan(&emails, &trace_ids, options.opt_out_only).await?;
+        drop(emails);
+        drop(trace_ids);
         if changes.is_empty() && opt_ins.is_empty() {
             // Nothing must change: no Salesforce call at all.
             return Ok(report);
@@ -427,12 +430,6 @@ impl Writer {
         // the rest this is not the trace their Mailchimp change started; the message's own trace
         // is the fallback when the pass has none.
         let write_trace = optout_telemetry::current_trace_id();
-        let message_trace = |email: &str| -> Option<&str> {
-            let index = emails
-                .binary_search_by(|candidate| candidate.as_str().cmp(email))
-                .ok()?;
-            options.trace_ids.get(index)?.as_deref()
-        };
 
         let mut unsettled = BTreeSet::new();
         // Each written email with the decision version its changes were planned from (every
@@ -482,9 +479,7 @@ impl Writer {
                 .map(|(change, _)| AuditEntry {
                     change,
                     trigger: options.trigger.as_str(),
-                    trace_id: write_trace
-                        .as_deref()
-                        .or_else(|| message_trace(&change.email)),
+                    trace_id: write_trace.as_deref().or(change.trace_id.as_deref()),
                 }),
         );
         self.store.insert_audit(audit).await?;
@@ -512,7 +507,12 @@ impl Writer {
     /// of thousands of emails, most of them already right in Salesforce), and reads in as few
     /// statements as if it had packed every email at once. Only the records to change are kept
     /// for the whole pass, to be written together.
-    async fn plan(&self, emails: &[String], opt_out_only: bool) -> Result<Planned> {
+    async fn plan(
+        &self,
+        emails: &[String],
+        trace_ids: &[Option<Arc<str>>],
+        opt_out_only: bool,
+    ) -> Result<Planned> {
         use futures::StreamExt as _;
         let mut planned = Planned::default();
         let mut rules = plan::RuleTexts::default();
@@ -543,7 +543,8 @@ impl Writer {
                 chunk = decisions.next(), if decide => match chunk {
                     Some(chunk) => {
                         let targets = plan::targets_with(&chunk?, opt_out_only, &mut rules);
-                        for target in targets.into_values() {
+                        for mut target in targets.into_values() {
+                            target.trace_id = message_trace(emails, trace_ids, &target.email);
                             // Acknowledged once the pass has written (or found nothing to
                             // uncheck); such targets are rare.
                             if !target.opted_out && target.evidence_id != 0 {
@@ -889,6 +890,22 @@ pub(crate) fn email_key(email: &str) -> u64 {
     let mut hasher = std::hash::DefaultHasher::new();
     email.hash(&mut hasher);
     hasher.finish()
+}
+
+/// The trace id of the message that carried `email`, from the pass's sorted `emails` and their
+/// `trace_ids`.
+fn message_trace(
+    emails: &[String],
+    trace_ids: &[Option<Arc<str>>],
+    email: &str,
+) -> Option<Arc<str>> {
+    if trace_ids.is_empty() {
+        return None;
+    }
+    let index = emails
+        .binary_search_by(|candidate| candidate.as_str().cmp(email))
+        .ok()?;
+    trace_ids.get(index)?.clone()
 }
 
 /// Up to `size` emails of `written` that sort after `after`, in order. A function of its own, so

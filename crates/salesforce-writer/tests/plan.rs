@@ -44,6 +44,7 @@ fn target_map(list: &[(&str, bool, i64)]) -> BTreeMap<String, Target> {
                     version: 1,
                     evidence_id: *evidence,
                     opted_out_at: None,
+                    trace_id: None,
                 },
             )
         })
@@ -299,6 +300,8 @@ fn targets_packed_as_they_come_make_the_fewest_reads_each_naming_its_own_targets
                 version: 1,
                 evidence_id: 0,
                 opted_out_at: None,
+                // Every other email came with a message's trace.
+                trace_id: (index % 2 == 0).then(|| Arc::from(format!("trace{index:05}"))),
             })
         })
         .collect();
@@ -350,7 +353,16 @@ fn targets_packed_as_they_come_make_the_fewest_reads_each_naming_its_own_targets
                 .enumerate()
                 .map(|(index, email)| record(object, &format!("003{index:05}"), email, false))
                 .collect();
-            assert_eq!(read.diff(&records).len(), records.len());
+            let changes = read.diff(&records);
+            assert_eq!(changes.len(), records.len());
+            for change in &changes {
+                let target = read
+                    .targets
+                    .iter()
+                    .find(|target| target.email == change.email)
+                    .expect("the change's target");
+                assert_eq!(change.trace_id, target.trace_id, "{}", change.email);
+            }
             assert!(
                 read.diff(&[record(object, "003X", "someone@else.com", false)])
                     .is_empty()
@@ -416,6 +428,7 @@ fn bulk_csv_and_errors_use_the_object_field() {
         reason: "r".into(),
         version: 1,
         opted_out_at: None,
+        trace_id: None,
     };
     assert_eq!(
         plan::bulk_csv(SfObject::PersonAccount, &[&change]),
