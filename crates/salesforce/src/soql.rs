@@ -85,11 +85,11 @@ pub struct InClausePacker {
     max_len: usize,
     /// Encoded length of the statement around an empty list.
     fixed: usize,
-    /// The quoted values so far, comma-separated.
+    /// The quoted values so far, comma-separated (never empty once it holds one: a value is
+    /// at least its quotes).
     list: String,
     /// Encoded length of the statement holding `list`.
     len: usize,
-    values: usize,
 }
 
 impl InClausePacker {
@@ -103,7 +103,6 @@ impl InClausePacker {
             fixed,
             list: String::new(),
             len: fixed,
-            values: 0,
         }
     }
 
@@ -111,36 +110,29 @@ impl InClausePacker {
     pub fn push(&mut self, value: &str) -> Option<String> {
         let quoted = quote(value);
         let added = encoded_len(&quoted);
-        let full = if self.values > 0 && self.len + encoded_len(",") + added > self.max_len {
+        let full = if !self.list.is_empty() && self.len + encoded_len(",") + added > self.max_len {
             self.finish()
         } else {
             None
         };
-        if self.values > 0 {
+        if !self.list.is_empty() {
             self.list.push(',');
             self.len += encoded_len(",");
         }
         self.list.push_str(&quoted);
         self.len += added;
-        self.values += 1;
         full
     }
 
     /// The statement of the values not handed out yet, if any; the packer starts over empty.
     pub fn finish(&mut self) -> Option<String> {
-        if self.values == 0 {
+        if self.list.is_empty() {
             return None;
         }
         let statement = format!("{}({}){}", self.prefix, self.list, self.suffix);
         self.list.clear();
         self.len = self.fixed;
-        self.values = 0;
         Some(statement)
-    }
-
-    /// Values held, not handed out yet.
-    pub fn pending(&self) -> usize {
-        self.values
     }
 }
 

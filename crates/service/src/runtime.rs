@@ -29,7 +29,7 @@ pub fn run<F: Future<Output = ExitCode>>(service: &'static str, main: F) -> Exit
 /// service has been rather than with what it holds: after a first sync of 1M members the
 /// evaluator was 51 MiB resident with the default and 46-48 MiB with two arenas, for the same heap
 /// peak (about 26 MB) and the same sync time.
-pub fn limit_malloc_arenas() {
+fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         // SAFETY: `mallopt` only sets an allocator parameter; it runs before the runtime starts
