@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::error_chain;
+use crate::stage::PassId;
 use crate::writer::{self, Writer};
 
 /// How long a pass waits for a straggling batch after the last one came in, when no consumer
@@ -58,7 +59,10 @@ struct Submission {
     /// Whether one of them asked to be handled promptly (`URGENT_HEADER`) or ended its stream
     /// (`FLUSH_HEADER`).
     urgent: bool,
-    emails: writer::DirtyEmails,
+    /// The batch's emails, staged under an id of their own (see [`Writer::stage_batch`]).
+    batch: PassId,
+    /// How many distinct emails the batch holds.
+    emails: usize,
     /// The consumer's `process` span, which the pass continues.
     span: tracing::Span,
     reply: oneshot::Sender<Answer>,
@@ -67,13 +71,15 @@ struct Submission {
 /// Hands partition batches to the pass task; cheap to clone, one per consumer.
 #[derive(Clone, Debug)]
 pub(crate) struct Coalescer {
+    writer: Arc<Writer>,
     submissions: mpsc::Sender<Submission>,
 }
 
 impl std::fmt::Debug for Submission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Submission")
-            .field("emails", &self.emails.len())
+            .field("batch", &self.batch)
+            .field("emails", &self.emails)
             .finish_non_exhaustive()
     }
 }
@@ -95,8 +101,11 @@ impl Coalescer {
     ) -> Self {
         // One slot per partition is plenty: each consumer has at most one batch waiting.
         let (submissions, receiver) = mpsc::channel(64);
-        tasks.spawn(run(writer, receiver, in_flight, waits));
-        Self { submissions }
+        tasks.spawn(run(Arc::clone(&writer), receiver, in_flight, waits));
+        Self {
+            writer,
+            submissions,
+        }
     }
 
     /// Writes the emails of one partition's batch, together with whatever the other partitions
@@ -113,20 +122,35 @@ impl Coalescer {
             // Only flushes (or empty notifications): nothing to write, no pass to wait for.
             return writer::outcomes(&keys, &Ok(Arc::default()));
         }
+        // Staged at once, so the batch does not hold its emails while it waits for its pass: the
+        // partitions' batches of a burst all wait at the same time.
+        let count_emails = emails.len();
+        let batch = match self.writer.stage_batch(&emails).await {
+            Ok(batch) => batch,
+            Err(error) => {
+                let reason = error_chain(&error);
+                tracing::warn!(error = %reason, "could not stage a batch, its messages will be redelivered");
+                return writer::outcomes(&keys, &Err(reason));
+            }
+        };
+        drop(emails);
         let (reply, answer) = oneshot::channel();
         let submission = Submission {
             messages: count,
             urgent,
-            emails,
+            batch,
+            emails: count_emails,
             span: tracing::Span::current(),
             reply,
         };
-        let answer = if self.submissions.send(submission).await.is_err() {
-            Err("the writer is shutting down".to_owned())
-        } else {
-            answer
+        let answer = match self.submissions.send(submission).await {
+            Ok(()) => answer
                 .await
-                .unwrap_or_else(|_| Err("the write pass ended without an answer".to_owned()))
+                .unwrap_or_else(|_| Err("the write pass ended without an answer".to_owned())),
+            Err(_) => {
+                self.writer.end_pass(batch).await;
+                Err("the writer is shutting down".to_owned())
+            }
         };
         writer::outcomes(&keys, &answer)
     }
@@ -146,72 +170,125 @@ async fn run(
         } else {
             now + waits.longest + GATHER_GAP
         };
-        let mut emails = first.emails.len();
-        let mut messages = first.messages;
-        let mut pass = vec![first];
-        while emails < PASS_EMAILS {
+        let mut pass = Gathered::begin(&writer, &first.span).await;
+        pass.add(first);
+        while pass.emails < PASS_EMAILS {
             // Deliveries held beyond those handed in belong to batches still forming.
-            let forming = in_flight.load(Ordering::SeqCst) > messages && Instant::now() < deadline;
+            let forming =
+                in_flight.load(Ordering::SeqCst) > pass.messages && Instant::now() < deadline;
             let wait = if forming { GATHER_STEP } else { GATHER_GAP };
             match tokio::time::timeout(wait, receiver.recv()).await {
                 Ok(Some(submission)) => {
                     if submission.urgent {
                         deadline = deadline.min(Instant::now() + waits.urgent + GATHER_GAP);
                     }
-                    emails += submission.emails.len();
-                    messages += submission.messages;
-                    pass.push(submission);
+                    pass.add(submission);
                 }
                 Ok(None) => break,
                 Err(_) if forming => {}
                 Err(_) => break,
             }
         }
-        write_pass(&writer, pass).await;
+        pass.write(&writer).await;
     }
 }
 
-async fn write_pass(writer: &Writer, pass: Vec<Submission>) {
-    // The pass is a child of the first batch's `process` span, so a trace still runs unbroken
-    // from the Mailchimp change to the Salesforce write; the other batches' spans are linked.
-    let span = match pass.first() {
-        Some(first) => tracing::info_span!(parent: &first.span, "write_pass", batches = pass.len()),
-        None => return,
-    };
-    let mut union = writer::DirtyEmails::new();
-    let mut replies = Vec::with_capacity(pass.len());
-    for (position, submission) in pass.into_iter().enumerate() {
-        if position > 0 {
-            span.follows_from(&submission.span);
+/// A pass being gathered: its batches' emails are staged already, so it holds only their ids
+/// and whom to answer.
+struct Gathered {
+    /// The pass's staged rows, if it could begin one.
+    pass: Option<PassId>,
+    /// Why the pass cannot be written (its batches are redelivered).
+    failure: Option<String>,
+    /// The batches' staged emails, merged into the pass's when it starts.
+    batches: Vec<PassId>,
+    /// Emails handed in (an email in two batches counts twice).
+    emails: usize,
+    /// Deliveries handed in.
+    messages: u64,
+    replies: Vec<oneshot::Sender<Answer>>,
+    span: tracing::Span,
+}
+
+impl Gathered {
+    /// Begins a pass. It is a child of the first batch's `process` span, so a trace still runs
+    /// unbroken from the Mailchimp change to the Salesforce write; the other batches' spans are
+    /// linked.
+    async fn begin(writer: &Writer, first: &tracing::Span) -> Self {
+        let span =
+            tracing::info_span!(parent: first, "write_pass", batches = tracing::field::Empty);
+        let (pass, failure) = match writer.store.begin_pass().instrument(span.clone()).await {
+            Ok(pass) => (Some(pass), None),
+            Err(error) => (None, Some(error_chain(&error))),
+        };
+        Self {
+            pass,
+            failure,
+            batches: Vec::new(),
+            emails: 0,
+            messages: 0,
+            replies: Vec::new(),
+            span,
         }
-        for (email, trace_id) in submission.emails {
-            union.entry(email).or_insert(trace_id);
-        }
-        replies.push(submission.reply);
     }
-    // Sorted, as `apply` looks the trace ids up by position.
-    let (emails, trace_ids): (Vec<String>, Vec<_>) = union.into_iter().unzip();
-    let count = emails.len();
-    let started = Instant::now();
-    let answer = match writer.write_dirty(emails, trace_ids).instrument(span).await {
-        Ok(report) => {
-            tracing::info!(
-                emails = count,
-                batches = replies.len(),
-                changes = report.changes,
-                written = report.written,
-                elapsed_ms = started.elapsed().as_millis(),
-                "write pass done"
-            );
-            Ok(Arc::new(report.retry))
+
+    fn add(&mut self, submission: Submission) {
+        if !self.replies.is_empty() {
+            self.span.follows_from(&submission.span);
         }
-        Err(error) => {
-            tracing::warn!(error = %error_chain(&error), emails = count, batches = replies.len(), "write pass failed, its messages will be redelivered");
-            Err(error.to_string())
+        self.emails += submission.emails;
+        self.messages += submission.messages;
+        self.batches.push(submission.batch);
+        self.replies.push(submission.reply);
+    }
+
+    /// Writes the pass, removes its rows, and answers every batch.
+    async fn write(self, writer: &Writer) {
+        let Self {
+            pass,
+            failure,
+            batches,
+            emails,
+            replies,
+            span,
+            ..
+        } = self;
+        span.record("batches", replies.len());
+        let started = Instant::now();
+        let result = match (pass, failure) {
+            (Some(pass), None) => async {
+                writer.store.merge_batches(pass, &batches).await?;
+                writer.write_dirty(pass).await
+            }
+            .instrument(span.clone())
+            .await
+            .map_err(|error| error_chain(&error)),
+            (_, failure) => Err(failure.unwrap_or_default()),
+        };
+        for staged in pass.iter().chain(&batches) {
+            writer.end_pass(*staged).instrument(span.clone()).await;
         }
-    };
-    for reply in replies {
-        // A consumer that stopped waiting (shutdown) gets its messages redelivered anyway.
-        drop(reply.send(answer.clone()));
+        let _entered = span.enter();
+        let answer = match result {
+            Ok(report) => {
+                tracing::info!(
+                    emails,
+                    batches = replies.len(),
+                    changes = report.changes,
+                    written = report.written,
+                    elapsed_ms = started.elapsed().as_millis(),
+                    "write pass done"
+                );
+                Ok(Arc::new(report.retry))
+            }
+            Err(error) => {
+                tracing::warn!(%error, emails, batches = replies.len(), "write pass failed, its messages will be redelivered");
+                Err(error)
+            }
+        };
+        for reply in replies {
+            // A consumer that stopped waiting (shutdown) gets its messages redelivered anyway.
+            drop(reply.send(answer.clone()));
+        }
     }
 }

@@ -16,6 +16,7 @@ mod metrics;
 pub mod plan;
 mod poll;
 mod records;
+mod stage;
 mod store;
 mod writer;
 

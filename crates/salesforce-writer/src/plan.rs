@@ -504,12 +504,23 @@ pub fn poll_query(object: SfObject, since: Option<DateTime<Utc>>, person_account
 
 /// The Bulk API 2.0 update CSV for `changes` (all of one object).
 pub fn bulk_csv(object: SfObject, changes: &[&Change]) -> String {
-    let mut csv = format!("Id,{}\n", object.opt_out_field());
+    let mut csv = bulk_csv_header(object);
     for change in changes {
-        // Record ids are 15/18 alphanumeric characters: nothing to quote.
-        csv.push_str(&format!("{},{}\n", change.id, change.new));
+        push_bulk_row(&mut csv, &change.id, change.new);
     }
     csv
+}
+
+/// The header line of `object`'s Bulk API 2.0 update CSV.
+pub fn bulk_csv_header(object: SfObject) -> String {
+    format!("Id,{}\n", object.opt_out_field())
+}
+
+/// Appends one record's line to a Bulk API 2.0 update CSV.
+pub fn push_bulk_row(csv: &mut String, id: &str, new: bool) {
+    // Record ids are 15/18 alphanumeric characters: nothing to quote.
+    csv.push_str(id);
+    csv.push_str(if new { ",true\n" } else { ",false\n" });
 }
 
 /// Splits a Bulk API `sf__Error` (`UNABLE_TO_LOCK_ROW:unable to obtain exclusive access:--`) into

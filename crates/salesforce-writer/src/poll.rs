@@ -101,7 +101,7 @@ async fn poll_object(
             }
         }
         let emails: Vec<String> = emails.into_iter().collect();
-        let applied = writer.apply(emails, Vec::new(), &options).await?;
+        let applied = writer.apply_emails(&emails, &options).await?;
         report.changes += applied.changes;
         report.written += applied.written;
         report.planned.extend(applied.planned);

@@ -1,4 +1,5 @@
-//! The writer's own PostgreSQL schema: the audit log and the Salesforce poll watermarks.
+//! The writer's own PostgreSQL schema: the audit log, the Salesforce poll watermarks and the
+//! write passes' staged rows (see [`crate::stage`]).
 
 use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
@@ -6,18 +7,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Executor, Row};
 
 use crate::Result;
-use crate::plan::{Change, SfObject};
-
-/// Audit rows per INSERT statement.
-const AUDIT_CHUNK: usize = 1000;
-
-/// One audit row to insert.
-#[derive(Clone, Debug)]
-pub(crate) struct AuditEntry<'a> {
-    pub(crate) change: &'a Change,
-    pub(crate) trigger: &'static str,
-    pub(crate) trace_id: Option<&'a str>,
-}
+use crate::plan::SfObject;
 
 /// One stored audit row.
 #[derive(Clone, Debug)]
@@ -65,63 +55,9 @@ impl Store {
             pool.execute(AssertSqlSafe(create)).await?;
         }
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
-    }
-
-    /// Records successful writes.
-    /// Takes the entries as they come, so a pass never holds them all at once.
-    pub(crate) async fn insert_audit<'a>(
-        &self,
-        entries: impl IntoIterator<Item = AuditEntry<'a>> + Send,
-    ) -> Result<()> {
-        let mut entries = entries.into_iter().peekable();
-        if entries.peek().is_none() {
-            return Ok(());
-        }
-        // One transaction, so a crash never leaves part of a pass audited (a replay finds those
-        // records written and would not audit them again); in chunks, so the statements' buffers
-        // stay small whatever the size of the pass.
-        let mut transaction = self.pool.begin().await?;
-        loop {
-            let chunk: Vec<AuditEntry<'a>> = entries.by_ref().take(AUDIT_CHUNK).collect();
-            if chunk.is_empty() {
-                break;
-            }
-            let mut emails = Vec::with_capacity(chunk.len());
-            let mut objects = Vec::with_capacity(chunk.len());
-            let mut record_ids = Vec::with_capacity(chunk.len());
-            let mut olds = Vec::with_capacity(chunk.len());
-            let mut news = Vec::with_capacity(chunk.len());
-            let mut reasons = Vec::with_capacity(chunk.len());
-            let mut triggers = Vec::with_capacity(chunk.len());
-            let mut trace_ids: Vec<Option<&str>> = Vec::with_capacity(chunk.len());
-            for entry in &chunk {
-                emails.push(&*entry.change.email);
-                objects.push(entry.change.object.name());
-                record_ids.push(entry.change.id.as_str());
-                olds.push(entry.change.old);
-                news.push(entry.change.new);
-                reasons.push(&*entry.change.reason);
-                triggers.push(entry.trigger);
-                trace_ids.push(entry.trace_id);
-            }
-            sqlx::query(
-                "INSERT INTO audit_log (email, object, record_id, old_value, new_value, reason, \"trigger\", trace_id) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::text[], $8::text[])",
-            )
-            .bind(emails)
-            .bind(objects)
-            .bind(record_ids)
-            .bind(olds)
-            .bind(news)
-            .bind(reasons)
-            .bind(triggers)
-            .bind(trace_ids)
-            .execute(&mut *transaction)
-            .await?;
-        }
-        transaction.commit().await?;
-        Ok(())
+        let store = Self { pool };
+        store.remove_stale_passes().await?;
+        Ok(store)
     }
 
     /// The audit rows of `email`, oldest first, at most `limit`.

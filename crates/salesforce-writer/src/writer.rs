@@ -22,11 +22,16 @@ use tracing::Instrument as _;
 
 use crate::metrics::WriterMetrics;
 use crate::plan::{self, COLLECTION_LIMIT, Change, CurrentRecord, ReadPacker, SfObject, Target};
-use crate::store::{AuditEntry, Store};
+use crate::stage;
+use crate::stage::{PassId, StagedChange, Which};
+use crate::store::Store;
 use crate::{Error, Result};
+use futures::stream::BoxStream;
 
 /// Emails per `Decide` call.
 const DECIDE_CHUNK: usize = 1000;
+/// Staged changes read back per statement.
+const STAGE_PAGE: usize = 2000;
 /// SOQL reads of one pass in flight at once.
 const READ_CONCURRENCY: usize = 4;
 /// `Decide` requests of a pass in flight at once.
@@ -68,15 +73,6 @@ pub(crate) struct ApplyOptions {
     pub(crate) dry_run: bool,
     /// Act on opt-outs only (the poll never unchecks).
     pub(crate) opt_out_only: bool,
-}
-
-/// What a pass must write, and what it needs once written.
-#[derive(Debug, Default)]
-struct Planned {
-    /// Records that differ from their target, by object and id.
-    changes: Vec<Change>,
-    /// Opt-in targets whose evidence is acknowledged once their records are unchecked.
-    opt_ins: Vec<Target>,
 }
 
 /// What one pass did.
@@ -151,7 +147,7 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
-/// How one record's write ended. Boxed texts keep it at two words: a pass holds one per change.
+/// How one record's write ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum RecordOutcome {
     Written,
@@ -194,42 +190,39 @@ impl RecordOutcome {
             },
         }
     }
-}
 
-/// What one Bulk job settled.
-#[derive(Debug)]
-struct BulkSettled {
-    /// Records Salesforce refused, by index into the pass's changes.
-    failed: Vec<(usize, RecordOutcome)>,
-    written: Written,
-}
-
-/// Which records of a Bulk job were written.
-#[derive(Debug)]
-enum Written {
-    /// Every record the job was given, except the failed ones.
-    AllButFailed,
-    /// These, by index into the pass's changes.
-    Listed(Vec<usize>),
-}
-
-impl BulkSettled {
-    /// Records the outcomes of the job over `indexes` (its records) in `outcomes`.
-    fn apply(self, indexes: &[usize], outcomes: &mut [Option<RecordOutcome>]) {
-        match self.written {
-            Written::AllButFailed => {
-                for index in indexes {
-                    outcomes[*index] = Some(RecordOutcome::Written);
-                }
-            }
-            Written::Listed(written) => {
-                for index in written {
-                    outcomes[index] = Some(RecordOutcome::Written);
-                }
-            }
+    /// The outcome as `pass_changes` stores it.
+    fn stored(&self) -> stage::Outcome<'_> {
+        let (outcome, status_code, message) = match self {
+            RecordOutcome::Written => ("written", None, None),
+            RecordOutcome::ConvertedLead => ("converted", None, None),
+            RecordOutcome::Retryable(reason) => ("retry", None, Some(&**reason)),
+            RecordOutcome::Failed(rejection) => (
+                "failed",
+                Some(rejection.status_code.as_str()),
+                Some(rejection.message.as_str()),
+            ),
+        };
+        stage::Outcome {
+            outcome: Some(outcome),
+            status_code,
+            message,
         }
-        for (index, outcome) in self.failed {
-            outcomes[index] = Some(outcome);
+    }
+
+    /// The outcome of a staged change; one no write settled is still to retry.
+    fn of_staged(staged: &StagedChange) -> Self {
+        match staged.outcome.as_deref() {
+            Some("written") => RecordOutcome::Written,
+            Some("converted") => RecordOutcome::ConvertedLead,
+            Some("failed") => RecordOutcome::Failed(Box::new(Rejection {
+                status_code: staged.status_code.clone().unwrap_or_default(),
+                message: staged.message.clone().unwrap_or_default(),
+            })),
+            Some("retry") => {
+                RecordOutcome::Retryable(staged.message.clone().unwrap_or_default().into())
+            }
+            _ => RecordOutcome::Retryable("not processed".into()),
         }
     }
 }
@@ -301,14 +294,10 @@ impl Writer {
         self.busy.load(Ordering::SeqCst) > 0
     }
 
-    /// One write pass over dirty emails (normalised, distinct) from Mailchimp changes. The
-    /// report's `retry` names the emails whose records stayed locked, whose messages must be
-    /// redelivered.
-    pub(crate) async fn write_dirty(
-        &self,
-        emails: Vec<String>,
-        trace_ids: Vec<Option<Arc<str>>>,
-    ) -> Result<ApplyReport> {
+    /// One write pass over the dirty emails staged in `pass` (normalised) from Mailchimp
+    /// changes. The report's `retry` names the emails whose records stayed locked, whose
+    /// messages must be redelivered.
+    pub(crate) async fn write_dirty(&self, pass: PassId) -> Result<ApplyReport> {
         let _busy = self.busy_guard();
         self.counters.add("batches", 1);
         let options = ApplyOptions {
@@ -316,7 +305,51 @@ impl Writer {
             dry_run: false,
             opt_out_only: false,
         };
-        self.apply(emails, trace_ids, &options).await
+        self.apply(pass, &options).await
+    }
+
+    /// One pass of the write path over `emails` (normalised), staged in a pass of their own
+    /// that is removed at the end.
+    pub(crate) async fn apply_emails(
+        &self,
+        emails: &[String],
+        options: &ApplyOptions,
+    ) -> Result<ApplyReport> {
+        if emails.is_empty() {
+            return Ok(ApplyReport::default());
+        }
+        let pass = self.store.begin_pass().await?;
+        let result = async {
+            let addresses: Vec<&str> = emails.iter().map(String::as_str).collect();
+            self.store
+                .stage_emails(pass, &addresses, &vec![None; addresses.len()])
+                .await?;
+            self.apply(pass, options).await
+        }
+        .await;
+        self.end_pass(pass).await;
+        result
+    }
+
+    /// Stages a batch's emails under an id of their own, to be merged into its pass's.
+    pub(crate) async fn stage_batch(&self, emails: &DirtyEmails) -> Result<PassId> {
+        let batch = self.store.begin_pass().await?;
+        let (addresses, trace_ids): (Vec<&str>, Vec<Option<&str>>) = emails
+            .iter()
+            .map(|(email, trace_id)| (email.as_str(), trace_id.as_deref()))
+            .unzip();
+        if let Err(error) = self.store.stage_emails(batch, &addresses, &trace_ids).await {
+            self.end_pass(batch).await;
+            return Err(error);
+        }
+        Ok(batch)
+    }
+
+    /// Removes a pass's staged rows. A failure only leaves them to the sweep of stale passes.
+    pub(crate) async fn end_pass(&self, pass: PassId) {
+        if let Err(error) = self.store.end_pass(pass).await {
+            tracing::warn!(error = %crate::error_chain(&error), ?pass, "could not remove a pass's staged rows");
+        }
     }
 
     /// Current decisions for `emails`, asked in chunks, a few at once.
@@ -339,39 +372,83 @@ impl Writer {
     ) -> impl futures::Stream<Item = Result<Vec<PersonDecision>>> + 'a {
         use futures::StreamExt as _;
         futures::stream::iter(emails.chunks(DECIDE_CHUNK))
-            .map(move |chunk| async move {
-                let response = self
-                    .decisions
-                    .clone()
-                    .decide(DecideRequest {
-                        emails: chunk.to_vec(),
-                    })
-                    .instrument(optout_telemetry::grpc::client_span(
-                        DECISIONS_SERVICE,
-                        "Decide",
-                    ))
-                    .await
-                    .map_err(|status| Error::Evaluator(Box::new(status)))?;
-                Ok(response.into_inner().decisions)
-            })
+            .map(move |chunk| self.decide_request(chunk.to_vec()))
             .buffered(DECIDE_CONCURRENCY)
     }
 
-    /// One pass of the write path over `emails` (already normalised and distinct; sorted when
-    /// `trace_ids` is not empty). `trace_ids` holds the trace id of the message that carried each
-    /// email, in the order of `emails` (empty when no message did; one message's trace id is
-    /// shared by all its emails). Both are dropped once the pass is planned: only the records to
-    /// change, each with its message's trace, are kept while they are written.
-    pub(crate) async fn apply(
+    /// The decisions of the emails staged in `pass`, a page of them at a time, with each page
+    /// (the emails and their message traces); as [`Self::decide_chunks`].
+    fn decide_staged(
         &self,
-        emails: Vec<String>,
-        trace_ids: Vec<Option<Arc<str>>>,
-        options: &ApplyOptions,
-    ) -> Result<ApplyReport> {
+        pass: PassId,
+    ) -> BoxStream<'_, Result<(Vec<PersonDecision>, EmailPage)>> {
+        use futures::StreamExt as _;
+        futures::stream::try_unfold(None::<String>, move |after| async move {
+            let page = self
+                .store
+                .staged_emails(pass, after.as_deref(), DECIDE_CHUNK)
+                .await?;
+            let Some((last, _)) = page.last() else {
+                return Ok(None);
+            };
+            let next = Some(last.clone());
+            Ok(Some((page, next)))
+        })
+        .map(move |page: Result<EmailPage>| async move {
+            let page = page?;
+            let emails = page.iter().map(|(email, _)| email.clone()).collect();
+            Ok((self.decide_request(emails).await?, page))
+        })
+        .buffered(DECIDE_CONCURRENCY)
+        // Boxed, as the pass's future would otherwise trip rustc's higher-ranked `Send` check.
+        .boxed()
+    }
+
+    async fn decide_request(&self, emails: Vec<String>) -> Result<Vec<PersonDecision>> {
+        let response = self
+            .decisions
+            .clone()
+            .decide(DecideRequest { emails })
+            .instrument(optout_telemetry::grpc::client_span(
+                DECISIONS_SERVICE,
+                "Decide",
+            ))
+            .await
+            .map_err(|status| Error::Evaluator(Box::new(status)))?;
+        Ok(response.into_inner().decisions)
+    }
+
+    /// The staged changes of `pass` that are `which`, a page at a time in (object, record id)
+    /// order. Rows settled while the pages are read do not move the pages on: each starts after
+    /// the last record of the one before.
+    fn staged_pages(&self, pass: PassId, which: Which) -> BoxStream<'_, Result<Vec<StagedChange>>> {
+        use futures::StreamExt as _;
+        futures::stream::try_unfold(None::<(SfObject, String)>, move |after| async move {
+            let page = self
+                .store
+                .staged_changes(
+                    pass,
+                    which,
+                    after.as_ref().map(|(object, id)| (*object, id.as_str())),
+                    STAGE_PAGE,
+                )
+                .await?;
+            let Some(last) = page.last() else {
+                return Ok(None);
+            };
+            let next = Some((last.change.object, last.change.id.clone()));
+            Ok(Some((page, next)))
+        })
+        // Boxed, as the pass's future would otherwise trip rustc's higher-ranked `Send` check.
+        .boxed()
+    }
+
+    /// One pass of the write path over the emails staged in `pass`. The pass reads its emails,
+    /// and then its changes, back a page at a time, so it holds a few pages whatever its size.
+    /// The caller ends the pass (removes its rows).
+    pub(crate) async fn apply(&self, pass: PassId, options: &ApplyOptions) -> Result<ApplyReport> {
+        use futures::TryStreamExt as _;
         let mut report = ApplyReport::default();
-        if emails.is_empty() {
-            return Ok(report);
-        }
         // Held until the audit rows are in, so the other path reads what this one wrote.
         let exclusive = options.trigger == Trigger::SalesforcePoll && !options.dry_run;
         let _exclusive_gate = if exclusive {
@@ -384,112 +461,108 @@ impl Writer {
         } else {
             Some(self.write_gate.read().await)
         };
-        let Planned { changes, opt_ins } =
-            self.plan(&emails, &trace_ids, options.opt_out_only).await?;
-        drop(emails);
-        drop(trace_ids);
-        if changes.is_empty() && opt_ins.is_empty() {
+        let started = std::time::Instant::now();
+        let opt_ins = self.plan(pass, options.opt_out_only).await?;
+        let counts = self.store.staged_counts(pass).await?;
+        report.changes = counts.iter().map(|(_, changes)| changes).sum();
+        tracing::debug!(
+            changes = report.changes,
+            elapsed_ms = started.elapsed().as_millis(),
+            "pass planned"
+        );
+        if report.changes == 0 && opt_ins.is_empty() {
             // Nothing must change: no Salesforce call at all.
             return Ok(report);
         }
-        report.changes = changes.len();
         if options.dry_run {
-            for change in &changes {
-                tracing::info!(
-                    email = %change.email, object = %change.object, record_id = %change.id,
-                    old = change.old, new = change.new, reason = %change.reason,
-                    "dry run: would write"
-                );
+            let mut pages = std::pin::pin!(self.staged_pages(pass, Which::All));
+            while let Some(page) = pages.try_next().await? {
+                for StagedChange { change, .. } in page {
+                    tracing::info!(
+                        email = %change.email, object = %change.object, record_id = %change.id,
+                        old = change.old, new = change.new, reason = %change.reason,
+                        "dry run: would write"
+                    );
+                    report.planned.push(change);
+                }
             }
-            report.planned = changes;
             return Ok(report);
         }
         // Only opt-outs carry their Mailchimp time (`Target::opted_out_at`).
-        let opt_out_times = || {
-            changes
-                .iter()
-                .filter_map(|change| Some((&change.email, change.opted_out_at?)))
-        };
-        let _in_hand = opt_out_times()
-            .map(|(_, time)| time)
-            .min()
+        let _in_hand = self
+            .store
+            .oldest_opt_out(pass)
+            .await?
             .map(|oldest| self.metrics.pass_in_hand(oldest));
-        let outcomes = match self.write(&changes).await {
-            Ok(outcomes) => outcomes,
-            Err(error) => {
-                // Retried later (messages redelivered, or the next poll); until then the
-                // gauge keeps counting these opt-outs.
-                for (email, time) in opt_out_times() {
-                    self.metrics.still_in_hand(email, time);
-                }
-                return Err(error);
+        let writing = std::time::Instant::now();
+        let written = self.write(pass, &counts).await;
+        tracing::debug!(elapsed_ms = writing.elapsed().as_millis(), "pass written");
+        if let Err(error) = written {
+            // Retried later (messages redelivered, or the next poll); until then the gauge
+            // keeps counting these opt-outs.
+            if let Err(error) = self.keep_pass_in_hand(pass).await {
+                tracing::warn!(error = %crate::error_chain(&error), "could not keep a failed pass's opt-outs on the gauge");
             }
-        };
+            return Err(error);
+        }
         // The audit row names the trace holding the Salesforce call that wrote the record. A pass
         // that merged several batches runs in the first one's trace and links the others, so for
         // the rest this is not the trace their Mailchimp change started; the message's own trace
         // is the fallback when the pass has none.
         let write_trace = optout_telemetry::current_trace_id();
 
+        // The records not written first: their emails stay in hand, to retry or dead-letter.
         let mut unsettled = BTreeSet::new();
-        // Each written email with the decision version its changes were planned from (every
-        // change of an email comes from the same decision), for the recheck.
-        let mut written_emails = BTreeMap::new();
-        for (change, outcome) in changes.iter().zip(&outcomes) {
-            match outcome {
-                RecordOutcome::Written => {
-                    self.counters.add(change.object.written_counter(), 1);
-                    self.metrics
-                        .written(change.object.sobject(), change.opted_out_at);
-                    report.written += 1;
-                    written_emails.insert(&*change.email, change.version);
-                }
-                RecordOutcome::ConvertedLead => {
-                    tracing::info!(record_id = %change.id, email = %change.email, "skipped converted lead");
-                }
-                RecordOutcome::Retryable(reason) => {
-                    tracing::warn!(record_id = %change.id, object = %change.object, %reason, "record still failing after retries");
-                    self.keep_in_hand(change);
-                    unsettled.insert(&*change.email);
-                    report.retry.insert(change.email.to_string());
-                }
-                RecordOutcome::Failed(rejection) => {
-                    self.counters.add("write_failures", 1);
-                    self.metrics
-                        .failed(change.object.sobject(), &rejection.status_code);
-                    self.keep_in_hand(change);
-                    unsettled.insert(&*change.email);
-                    self.dead_letter(change, &rejection.status_code, &rejection.message)
-                        .await?;
+        let mut pages = std::pin::pin!(self.staged_pages(pass, Which::NotWritten));
+        while let Some(page) = pages.try_next().await? {
+            for staged in page {
+                let change = &staged.change;
+                match RecordOutcome::of_staged(&staged) {
+                    RecordOutcome::Written => {}
+                    RecordOutcome::ConvertedLead => {
+                        tracing::info!(record_id = %change.id, email = %change.email, "skipped converted lead");
+                    }
+                    RecordOutcome::Retryable(reason) => {
+                        tracing::warn!(record_id = %change.id, object = %change.object, %reason, "record still failing after retries");
+                        self.keep_in_hand(change);
+                        unsettled.insert(change.email.to_string());
+                        report.retry.insert(change.email.to_string());
+                    }
+                    RecordOutcome::Failed(rejection) => {
+                        self.counters.add("write_failures", 1);
+                        self.metrics
+                            .failed(change.object.sobject(), &rejection.status_code);
+                        self.keep_in_hand(change);
+                        unsettled.insert(change.email.to_string());
+                        self.dead_letter(change, &rejection.status_code, &rejection.message)
+                            .await?;
+                    }
                 }
             }
         }
-        for email in written_emails.keys() {
-            if !unsettled.contains(email) {
-                self.metrics.settled(email);
+        let mut pages = std::pin::pin!(self.staged_pages(pass, Which::Written));
+        while let Some(page) = pages.try_next().await? {
+            for StagedChange { change, .. } in page {
+                self.counters.add(change.object.written_counter(), 1);
+                self.metrics
+                    .written(change.object.sobject(), change.opted_out_at);
+                report.written += 1;
+                if !unsettled.contains(&*change.email) {
+                    self.metrics.settled(&change.email);
+                }
             }
         }
         // Audit before acknowledging anything, so a crash here replays rather than forgets.
-        // Boxed: the closures' borrows would otherwise trip the `Send` check of the pass's future.
-        let audit: Box<dyn Iterator<Item = AuditEntry<'_>> + Send + '_> = Box::new(
-            changes
-                .iter()
-                .zip(&outcomes)
-                .filter(|(_, outcome)| matches!(outcome, RecordOutcome::Written))
-                .map(|(change, _)| AuditEntry {
-                    change,
-                    trigger: options.trigger.as_str(),
-                    trace_id: write_trace.as_deref().or(change.trace_id.as_deref()),
-                }),
-        );
-        self.store.insert_audit(audit).await?;
+        self.store
+            .audit_written(pass, options.trigger.as_str(), write_trace.as_deref())
+            .await?;
 
         for target in &opt_ins {
             if !unsettled.contains(&*target.email) {
                 self.ack_opt_in(target).await?;
             }
         }
-        self.recheck(&written_emails).await?;
+        self.recheck(pass).await?;
         Ok(report)
     }
 
@@ -500,28 +573,35 @@ impl Writer {
         }
     }
 
-    /// The records of `emails` that differ from their decision. Decisions stream in (a thousand
+    /// Keeps every opt-out of a pass that failed on the gauge.
+    async fn keep_pass_in_hand(&self, pass: PassId) -> Result<()> {
+        use futures::TryStreamExt as _;
+        let mut pages = std::pin::pin!(self.staged_pages(pass, Which::NotWritten));
+        while let Some(page) = pages.try_next().await? {
+            for staged in &page {
+                self.keep_in_hand(&staged.change);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages the records of the emails staged in `pass` that differ from their decision, and
+    /// returns the opt-in targets to acknowledge once written. Decisions stream in (a thousand
     /// emails per request, a few requests in flight) and each object's reads are packed from
     /// their targets as they come; a read goes out once full and its rows are compared at once.
     /// So a pass holds the targets of a few reads whatever its size (a first sync hands in tens
     /// of thousands of emails, most of them already right in Salesforce), and reads in as few
-    /// statements as if it had packed every email at once. Only the records to change are kept
-    /// for the whole pass, to be written together.
-    async fn plan(
-        &self,
-        emails: &[String],
-        trace_ids: &[Option<Arc<str>>],
-        opt_out_only: bool,
-    ) -> Result<Planned> {
+    /// statements as if it had packed every email at once.
+    async fn plan(&self, pass: PassId, opt_out_only: bool) -> Result<Vec<Target>> {
         use futures::StreamExt as _;
-        let mut planned = Planned::default();
+        let mut opt_ins = Vec::new();
         let mut rules = plan::RuleTexts::default();
         let mut packers: Vec<ReadPacker> = self
             .objects
             .iter()
             .map(|object| ReadPacker::new(*object, self.person_accounts))
             .collect();
-        let mut decisions = std::pin::pin!(self.decide_chunks(emails));
+        let mut decisions = std::pin::pin!(self.decide_staged(pass));
         let mut waiting: VecDeque<plan::Read> = VecDeque::new();
         let mut reads = futures::stream::FuturesUnordered::new();
         let mut decided = false;
@@ -542,13 +622,14 @@ impl Writer {
             tokio::select! {
                 chunk = decisions.next(), if decide => match chunk {
                     Some(chunk) => {
-                        let targets = plan::targets_with(&chunk?, opt_out_only, &mut rules);
+                        let (decisions, page) = chunk?;
+                        let targets = plan::targets_with(&decisions, opt_out_only, &mut rules);
                         for mut target in targets.into_values() {
-                            target.trace_id = message_trace(emails, trace_ids, &target.email);
+                            target.trace_id = page_trace(&page, &target.email);
                             // Acknowledged once the pass has written (or found nothing to
                             // uncheck); such targets are rare.
                             if !target.opted_out && target.evidence_id != 0 {
-                                planned.opt_ins.push(target.clone());
+                                opt_ins.push(target.clone());
                             }
                             let target = Arc::new(target);
                             waiting.extend(packers.iter_mut().filter_map(|packer| packer.push(&target)));
@@ -559,20 +640,12 @@ impl Writer {
                         waiting.extend(packers.iter_mut().filter_map(ReadPacker::finish));
                     }
                 },
-                Some(changes) = reads.next(), if !reads.is_empty() => planned.changes.extend(changes?),
+                Some(changes) = reads.next(), if !reads.is_empty() => {
+                    self.store.stage_changes(pass, &changes?).await?;
+                }
             }
         }
-        // Reads hold distinct emails per object, hence distinct records; one order for the pass.
-        // Unstable: a stable sort would allocate half the vector again, at the pass's peak.
-        planned.changes.sort_unstable_by(|left, right| {
-            (left.object, &left.id).cmp(&(right.object, &right.id))
-        });
-        planned
-            .changes
-            .dedup_by(|left, right| left.object == right.object && left.id == right.id);
-        // Grown by doubling, the vector may hold up to twice its length for the rest of the pass.
-        planned.changes.shrink_to_fit();
-        Ok(planned)
+        Ok(opt_ins)
     }
 
     /// Reads the current values of one read's records and returns those that differ from their
@@ -590,136 +663,130 @@ impl Writer {
         Ok(read.diff(&records))
     }
 
-    /// Writes `changes` and returns one outcome per change, retrying transient failures.
-    async fn write(&self, changes: &[Change]) -> Result<Vec<RecordOutcome>> {
-        let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; changes.len()];
-        let mut collection = Vec::new();
-        let mut bulk = Vec::new();
-        for object in SfObject::ALL {
-            let indexes: Vec<usize> = changes
-                .iter()
-                .enumerate()
-                .filter(|(_, change)| change.object == object)
-                .map(|(index, _)| index)
-                .collect();
-            if indexes.len() > self.bulk_threshold {
-                bulk.push((object, indexes));
-            } else {
-                collection.extend(indexes);
-            }
-        }
-        // Each object's job at once: a job's time is mostly Salesforce processing it.
-        let jobs = bulk
+    /// Writes the changes staged in `pass` (`counts` of each object) and records each outcome
+    /// there, retrying transient failures.
+    async fn write(&self, pass: PassId, counts: &[(SfObject, usize)]) -> Result<()> {
+        // Each large object's job at once: a job's time is mostly Salesforce processing it.
+        let jobs = counts
             .iter()
-            .map(|(object, indexes)| self.write_bulk(*object, changes, indexes));
-        for (settled, (_, indexes)) in futures::future::try_join_all(jobs)
-            .await?
-            .into_iter()
-            .zip(&bulk)
-        {
-            settled.apply(indexes, &mut outcomes);
-        }
-        self.write_collection(changes, &collection, &mut outcomes)
-            .await?;
+            .filter(|(_, changes)| *changes > self.bulk_threshold)
+            .map(|(object, changes)| self.write_bulk(pass, *object, *changes));
+        futures::future::try_join_all(jobs).await?;
+        // The objects too small for a job, and the records a job did not settle.
+        self.write_collections(pass, Which::Unsettled).await?;
 
         for attempt in 0..RECORD_RETRIES {
-            let retry: Vec<usize> = outcomes
-                .iter()
-                .enumerate()
-                .filter(|(_, outcome)| matches!(outcome, Some(RecordOutcome::Retryable(_)) | None))
-                .map(|(index, _)| index)
-                .collect();
-            if retry.is_empty() {
+            let pending = self
+                .store
+                .staged_changes(pass, Which::Retry, None, 1)
+                .await?;
+            if pending.is_empty() {
                 break;
             }
             let backoff = Duration::from_millis(200 * 4u64.pow(attempt) + fastrand::u64(0..100));
-            tracing::info!(
-                records = retry.len(),
-                ?backoff,
-                "retrying records after transient errors"
-            );
+            tracing::info!(?backoff, "retrying records after transient errors");
             tokio::time::sleep(backoff).await;
-            self.write_collection(changes, &retry, &mut outcomes)
-                .await?;
+            self.write_collections(pass, Which::Retry).await?;
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|outcome| {
-                outcome.unwrap_or_else(|| RecordOutcome::Retryable("not processed".into()))
-            })
-            .collect())
+        Ok(())
     }
 
-    /// sObject Collections, up to 200 records (mixed objects) per call.
-    async fn write_collection(
-        &self,
-        changes: &[Change],
-        indexes: &[usize],
-        outcomes: &mut [Option<RecordOutcome>],
-    ) -> Result<()> {
-        for chunk in indexes.chunks(COLLECTION_LIMIT) {
-            let records: Vec<RecordUpdate> = chunk
-                .iter()
-                .map(|index| record_update(&changes[*index]))
-                .collect();
-            let results = self.salesforce.update_collection(&records).await?;
-            // Results come back in request order, one per record.
-            for (position, index) in chunk.iter().enumerate() {
-                outcomes[*index] = Some(RecordOutcome::from_save_result(results.get(position)));
+    /// Writes the staged changes that are `which` through sObject Collections, up to 200 records
+    /// (mixed objects) per call, and records each outcome.
+    async fn write_collections(&self, pass: PassId, which: Which) -> Result<()> {
+        use futures::TryStreamExt as _;
+        let mut pages = std::pin::pin!(self.staged_pages(pass, which));
+        while let Some(page) = pages.try_next().await? {
+            for chunk in page.chunks(COLLECTION_LIMIT) {
+                let records: Vec<RecordUpdate> = chunk
+                    .iter()
+                    .map(|staged| record_update(&staged.change))
+                    .collect();
+                let results = self.salesforce.update_collection(&records).await?;
+                // Results come back in request order, one per record.
+                let outcomes: Vec<RecordOutcome> = (0..chunk.len())
+                    .map(|position| RecordOutcome::from_save_result(results.get(position)))
+                    .collect();
+                let settled: Vec<_> = chunk
+                    .iter()
+                    .zip(&outcomes)
+                    .map(|(staged, outcome)| {
+                        (
+                            staged.change.object,
+                            staged.change.id.as_str(),
+                            outcome.stored(),
+                        )
+                    })
+                    .collect();
+                self.store.settle(pass, &settled).await?;
             }
         }
         Ok(())
     }
 
-    /// One Bulk API 2.0 update job for `object` over `changes[indexes]` (sorted by id, as
-    /// `changes` is); returns what it settled. Records it did not settle are retried through
-    /// collections.
-    async fn write_bulk(
-        &self,
-        object: SfObject,
-        changes: &[Change],
-        indexes: &[usize],
-    ) -> Result<BulkSettled> {
-        let selected: Vec<&Change> = indexes.iter().map(|index| &changes[*index]).collect();
-        let csv = plan::bulk_csv(object, &selected);
-        drop(selected);
-        tracing::info!(%object, records = indexes.len(), "writing through a bulk job");
+    /// One Bulk API 2.0 update job over the `changes` staged changes of `object`. Records it
+    /// did not settle are written through collections afterwards.
+    async fn write_bulk(&self, pass: PassId, object: SfObject, changes: usize) -> Result<()> {
+        let mut csv = plan::bulk_csv_header(object);
+        let mut after: Option<String> = None;
+        loop {
+            let rows = self
+                .store
+                .bulk_rows(pass, object, after.as_deref(), STAGE_PAGE)
+                .await?;
+            let Some((last, _)) = rows.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            for (id, new) in &rows {
+                plan::push_bulk_row(&mut csv, id, *new);
+            }
+        }
+        tracing::info!(%object, records = changes, "writing through a bulk job");
         let result = self
             .salesforce
-            .bulk_update(object.sobject(), csv, indexes.len() as u64)
+            .bulk_update(object.sobject(), csv, changes as u64)
             .await?;
         self.counters.add("bulk_jobs", 1);
-        // Bulk results are not in input order: match them by record id, by binary search over
-        // the job's records rather than through a map as large as the job.
-        let row_id = |row: &HashMap<String, String>| -> Option<usize> {
+        // The job's input column, or Salesforce's own when the input one is missing.
+        let row_id = |row: &HashMap<String, String>| -> Option<String> {
             ["Id", "sf__Id"]
                 .iter()
                 .filter_map(|column| row.get(*column))
-                .find_map(|id| {
-                    indexes
-                        .binary_search_by(|index| changes[*index].id.as_str().cmp(id))
-                        .ok()
-                        .map(|position| indexes[position])
-                })
+                .find(|id| !id.is_empty())
+                .cloned()
         };
-        let failed = result
+        let failed: Vec<(String, RecordOutcome)> = result
             .failed
             .iter()
             .filter_map(|row| {
-                let index = row_id(row)?;
                 let (status_code, message) =
                     plan::parse_bulk_error(row.get("sf__Error").map(String::as_str).unwrap_or(""));
-                Some((index, RecordOutcome::from_error(&status_code, &message)))
+                Some((
+                    row_id(row)?,
+                    RecordOutcome::from_error(&status_code, &message),
+                ))
             })
             .collect();
-        let written = if result.rest_succeeded {
+        let settled: Vec<_> = failed
+            .iter()
+            .map(|(id, outcome)| (object, id.as_str(), outcome.stored()))
+            .collect();
+        self.store.settle(pass, &settled).await?;
+        if result.rest_succeeded {
             // Every row was processed: those not listed as failed were written.
-            Written::AllButFailed
+            self.store.settle_rest_written(pass, object).await?;
         } else {
-            // Records in neither list stay unsettled and are retried through collections.
-            Written::Listed(result.successful.iter().filter_map(row_id).collect())
-        };
-        Ok(BulkSettled { failed, written })
+            // Records in neither list stay unsettled and are written through collections.
+            let written = RecordOutcome::Written;
+            let ids: Vec<String> = result.successful.iter().filter_map(row_id).collect();
+            let settled: Vec<_> = ids
+                .iter()
+                .map(|id| (object, id.as_str(), written.stored()))
+                .collect();
+            self.store.settle(pass, &settled).await?;
+        }
+        Ok(())
     }
 
     /// Keeps a permanently rejected record, with Salesforce's reason, in its partition's DLQ.
@@ -778,27 +845,32 @@ impl Writer {
         Ok(())
     }
 
-    /// Asks again for the emails just written: a decision that moved while we wrote (a concurrent
-    /// Mailchimp change, or another writer's poll cycle) is republished so it converges.
-    async fn recheck(&self, written: &BTreeMap<&str, i64>) -> Result<()> {
+    /// Asks again for the emails `pass` wrote: a decision that moved while we wrote (a
+    /// concurrent Mailchimp change, or another writer's poll cycle) is republished so it
+    /// converges. A group of emails at a time, read back from the pass's rows.
+    async fn recheck(&self, pass: PassId) -> Result<()> {
         use futures::TryStreamExt as _;
         let mut moved = Vec::new();
-        let mut last: Option<String> = None;
-        // A group at a time, so the emails asked are copied a group at a time too.
+        let mut after: Option<String> = None;
         loop {
-            let emails = group_after(written, last.as_deref(), DECIDE_CHUNK * DECIDE_CONCURRENCY);
-            let Some(end) = emails.last() else {
+            let group = self
+                .store
+                .written_emails(pass, after.as_deref(), DECIDE_CHUNK * DECIDE_CONCURRENCY)
+                .await?;
+            let Some((last, _)) = group.last() else {
                 break;
             };
-            last = Some(end.clone());
+            after = Some(last.clone());
+            let emails: Vec<String> = group.iter().map(|(email, _)| email.clone()).collect();
             let mut chunks = std::pin::pin!(self.decide_chunks(&emails));
             while let Some(decisions) = chunks.try_next().await? {
                 for decision in decisions {
                     let email = plan::normalize_email(&decision.email);
-                    if written
-                        .get(email.as_str())
-                        .is_some_and(|version| *version != decision.version)
-                    {
+                    let planned = group
+                        .binary_search_by(|(written, _)| written.as_str().cmp(&email))
+                        .ok()
+                        .map(|index| group[index].1);
+                    if planned.is_some_and(|version| version != decision.version) {
                         moved.push(email);
                     }
                 }
@@ -893,33 +965,15 @@ pub(crate) fn email_key(email: &str) -> u64 {
     hasher.finish()
 }
 
-/// The trace id of the message that carried `email`, from the pass's sorted `emails` and their
-/// `trace_ids`.
-fn message_trace(
-    emails: &[String],
-    trace_ids: &[Option<Arc<str>>],
-    email: &str,
-) -> Option<Arc<str>> {
-    if trace_ids.is_empty() {
-        return None;
-    }
-    let index = emails
-        .binary_search_by(|candidate| candidate.as_str().cmp(email))
-        .ok()?;
-    trace_ids.get(index)?.clone()
-}
+/// A page of staged emails, in order, each with the trace id of the message that carried it.
+type EmailPage = Vec<(String, Option<Arc<str>>)>;
 
-/// Up to `size` emails of `written` that sort after `after`, in order. A function of its own, so
-/// no map iterator is held across the recheck's awaits (which trips the `Send` check of the
-/// pass's future).
-fn group_after(written: &BTreeMap<&str, i64>, after: Option<&str>, size: usize) -> Vec<String> {
-    use std::ops::Bound;
-    let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-    written
-        .range::<&str, _>((start, Bound::Unbounded))
-        .take(size)
-        .map(|(email, _)| (*email).to_owned())
-        .collect()
+/// The trace id of the message that carried `email`, from its page.
+fn page_trace(page: &EmailPage, email: &str) -> Option<Arc<str>> {
+    let index = page
+        .binary_search_by(|(candidate, _)| candidate.as_str().cmp(email))
+        .ok()?;
+    page[index].1.clone()
 }
 
 /// What to do with each message once its emails were written: redeliver it when the pass
@@ -1016,18 +1070,43 @@ mod tests {
     }
 
     #[test]
-    fn the_recheck_asks_every_written_email_once_a_group_at_a_time() {
-        let emails: Vec<String> = (0..10).map(|index| format!("p{index}@x.com")).collect();
-        let written: BTreeMap<&str, i64> = emails.iter().map(|email| (email.as_str(), 1)).collect();
-        let mut asked = Vec::new();
-        let mut last: Option<String> = None;
-        loop {
-            let group = group_after(&written, last.as_deref(), 3);
-            assert!(group.len() <= 3);
-            let Some(end) = group.last() else { break };
-            last = Some(end.clone());
-            asked.extend(group);
+    fn every_record_outcome_reads_back_as_it_was_stored() {
+        let change = plan::Change {
+            object: SfObject::Lead,
+            id: "00Q000000000001AAA".to_owned(),
+            email: Arc::from("ann@example.com"),
+            old: false,
+            new: true,
+            reason: Arc::from("rule"),
+            version: 1,
+            opted_out_at: None,
+            trace_id: None,
+        };
+        for outcome in [
+            RecordOutcome::Written,
+            RecordOutcome::ConvertedLead,
+            RecordOutcome::Retryable("UNABLE_TO_LOCK_ROW: busy".into()),
+            RecordOutcome::from_error("FIELD_INTEGRITY_EXCEPTION", "bad value"),
+        ] {
+            let stored = outcome.stored();
+            let staged = StagedChange {
+                change: change.clone(),
+                outcome: stored.outcome.map(str::to_owned),
+                status_code: stored.status_code.map(str::to_owned),
+                message: stored.message.map(str::to_owned),
+            };
+            assert_eq!(RecordOutcome::of_staged(&staged), outcome);
         }
-        assert_eq!(asked, emails);
+        // A change no write settled is retried, never taken as written.
+        let unsettled = StagedChange {
+            change,
+            outcome: None,
+            status_code: None,
+            message: None,
+        };
+        assert_eq!(
+            RecordOutcome::of_staged(&unsettled),
+            RecordOutcome::Retryable("not processed".into())
+        );
     }
 }

@@ -615,6 +615,7 @@ async fn opt_outs_check_every_contact_and_lead_with_few_calls_and_an_audit_row_e
     app.publish(&refs).await?;
     wait_for_value(&app, &refs, true).await?;
     app.wait_idle().await?;
+    app.wait_for_no_staged_rows().await?;
 
     let converted_record = app
         .records(&emails[0])
@@ -916,6 +917,50 @@ async fn locked_rows_are_retried_and_large_diffs_go_through_bulk_jobs() -> Resul
     );
     assert_eq!(status.counters.get("written_contact"), Some(&120));
     assert_eq!(status.counters.get("write_failures"), Some(&0));
+    // Passes that retried records and went through bulk jobs remove their rows too.
+    app.wait_for_no_staged_rows().await?;
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_writer_removes_the_rows_of_passes_that_died_and_keeps_live_ones() -> Result<()>
+{
+    let mut app = TestApp::spawn(false).await?;
+    // Pass -1 died an hour and a half ago with its process; pass -2 is another replica's, under way.
+    for (table, columns, values) in [
+        (
+            "pass_emails",
+            "pass, email, staged_at",
+            "($1, 'gone@example.com', now() - interval '90 minutes'), ($2, 'live@example.com', now())",
+        ),
+        (
+            "pass_changes",
+            "pass, object, record_id, email, old_value, new_value, reason, version, staged_at",
+            "($1, 'Contact', '003000000000001AAA', 'gone@example.com', false, true, 'r', 1, now() - interval '90 minutes'), \
+             ($2, 'Contact', '003000000000002AAA', 'live@example.com', false, true, 'r', 1, now())",
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO \"{}\".{table} ({columns}) VALUES {values}",
+            app.schema
+        )))
+        .bind(-1_i64)
+        .bind(-2_i64)
+        .execute(&app.database)
+        .await?;
+    }
+    app.stop_writer().await?;
+    app.restart().await?;
+    assert_eq!(
+        app.staged_rows(Some(-1)).await?,
+        0,
+        "a dead pass's rows were kept"
+    );
+    assert_eq!(
+        app.staged_rows(Some(-2)).await?,
+        2,
+        "a live pass's rows were removed"
+    );
     app.stop().await
 }
 
@@ -1102,6 +1147,38 @@ impl TestApp {
             .await?
             .error_for_status()?;
         Ok(())
+    }
+
+    /// Rows the write passes have staged (`pass_emails` and `pass_changes`), of `pass` alone when
+    /// given.
+    async fn staged_rows(&self, pass: Option<i64>) -> Result<i64> {
+        let mut total = 0;
+        for table in ["pass_emails", "pass_changes"] {
+            let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM \"{}\".{table} WHERE $1::int8 IS NULL OR pass = $1",
+                self.schema
+            )))
+            .bind(pass)
+            .fetch_one(&self.database)
+            .await?;
+            total += rows;
+        }
+        Ok(total)
+    }
+
+    /// Waits until every pass has removed its staged rows, as each does when it ends.
+    async fn wait_for_no_staged_rows(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let rows = self.staged_rows(None).await?;
+            if rows == 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{rows} staged rows left behind by ended passes");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stops the writer as SIGTERM would (the signal handler only cancels this token) and waits for it.
