@@ -117,29 +117,31 @@ impl Coalescer {
             optout_amqp::is_urgent(&message.headers) || optout_amqp::is_flush(&message.headers)
         });
         let count = messages.len() as u64;
-        let writer::DirtyBatch { emails, keys } = writer::dirty_batch(messages);
-        if emails.is_empty() {
-            // Only flushes (or empty notifications): nothing to write, no pass to wait for.
-            return writer::outcomes(&keys, &Ok(Arc::default()));
-        }
         // Staged at once, so the batch does not hold its emails while it waits for its pass: the
         // partitions' batches of a burst all wait at the same time.
-        let count_emails = emails.len();
-        let batch = match self.writer.stage_batch(&emails).await {
-            Ok(batch) => batch,
+        let writer::StagedBatch {
+            batch,
+            emails,
+            keys,
+        } = match self.writer.stage_batch(messages).await {
+            Ok(staged) => staged,
             Err(error) => {
                 let reason = error_chain(&error);
                 tracing::warn!(error = %reason, "could not stage a batch, its messages will be redelivered");
-                return writer::outcomes(&keys, &Err(reason));
+                let count = usize::try_from(count).unwrap_or(usize::MAX);
+                return vec![Outcome::Retry(reason); count];
             }
         };
-        drop(emails);
+        let Some(batch) = batch else {
+            // Only flushes (or empty notifications): nothing to write, no pass to wait for.
+            return writer::outcomes(&keys, &Ok(Arc::default()));
+        };
         let (reply, answer) = oneshot::channel();
         let submission = Submission {
             messages: count,
             urgent,
             batch,
-            emails: count_emails,
+            emails,
             span: tracing::Span::current(),
             reply,
         };

@@ -13,8 +13,15 @@ use crate::Result;
 use crate::plan::{Change, SfObject};
 use crate::store::Store;
 
-/// Rows per statement when staging, so a statement's buffers stay small.
-const STAGE_CHUNK: usize = 2000;
+/// Most bytes of bound values in one statement (estimated). sqlx leaves Nagle's algorithm on,
+/// and a message larger than the socket's free send buffer (16 KiB on a fresh connection, from
+/// `tcp_wmem`) leaves in two writes, the second held until PostgreSQL acknowledges the first:
+/// after its delayed ACK, 40 ms later. Measured on this writer: a statement of 250 staged
+/// changes took 44 ms, the same rows in statements of 40 took 4 ms in all.
+const STATEMENT_BYTES: usize = 12 * 1024;
+
+/// What PostgreSQL's binary array encoding adds to each value: its length.
+const VALUE_OVERHEAD: usize = 4;
 
 /// Where the first page starts: every email, object name and record id sorts after it (they
 /// are never empty). A plain lower bound, unlike an optional one, lets PostgreSQL read each page
@@ -115,14 +122,13 @@ impl Store {
     pub(crate) async fn stage_emails(
         &self,
         pass: PassId,
-        emails: &[&str],
-        trace_ids: &[Option<&str>],
+        emails: &[(&str, Option<&str>)],
     ) -> Result<()> {
-        debug_assert_eq!(emails.len(), trace_ids.len());
-        for (emails, trace_ids) in emails
-            .chunks(STAGE_CHUNK)
-            .zip(trace_ids.chunks(STAGE_CHUNK))
-        {
+        let size = |(email, trace_id): &(&str, Option<&str>)| {
+            email.len() + trace_id.map_or(0, str::len) + 2 * VALUE_OVERHEAD
+        };
+        for chunk in sized_chunks(emails, size) {
+            let (emails, trace_ids): (Vec<&str>, Vec<Option<&str>>) = chunk.iter().copied().unzip();
             sqlx::query(
                 "INSERT INTO pass_emails (pass, email, trace_id) \
                  SELECT $1, * FROM UNNEST($2::text[], $3::text[]) ON CONFLICT DO NOTHING",
@@ -189,7 +195,18 @@ impl Store {
 
     /// Stages the records to change; a record staged already is kept as it was.
     pub(crate) async fn stage_changes(&self, pass: PassId, changes: &[Change]) -> Result<()> {
-        for chunk in changes.chunks(STAGE_CHUNK) {
+        let size = |change: &Change| {
+            change.object.name().len()
+                + change.id.len()
+                + change.email.len()
+                + change.reason.len()
+                + change.trace_id.as_deref().map_or(0, str::len)
+                + 2 * size_of::<bool>()
+                + size_of::<i64>()
+                + size_of::<i64>()
+                + 9 * VALUE_OVERHEAD
+        };
+        for chunk in sized_chunks(changes, size) {
             let mut objects = Vec::with_capacity(chunk.len());
             let mut record_ids = Vec::with_capacity(chunk.len());
             let mut emails = Vec::with_capacity(chunk.len());
@@ -320,7 +337,15 @@ impl Store {
         pass: PassId,
         settled: &[(SfObject, &str, Outcome<'_>)],
     ) -> Result<()> {
-        for chunk in settled.chunks(STAGE_CHUNK) {
+        let size = |(object, id, outcome): &(SfObject, &str, Outcome<'_>)| {
+            object.name().len()
+                + id.len()
+                + outcome.outcome.map_or(0, str::len)
+                + outcome.status_code.map_or(0, str::len)
+                + outcome.message.map_or(0, str::len)
+                + 5 * VALUE_OVERHEAD
+        };
+        for chunk in sized_chunks(settled, size) {
             let objects: Vec<&str> = chunk.iter().map(|(object, _, _)| object.name()).collect();
             let record_ids: Vec<&str> = chunk.iter().map(|(_, id, _)| *id).collect();
             let outcomes: Vec<Option<&str>> = chunk
@@ -414,6 +439,32 @@ impl Store {
     }
 }
 
+/// Splits `items` into runs whose estimated encoded `size` stays within [`STATEMENT_BYTES`],
+/// in order; an item larger than that is a run of its own.
+fn sized_chunks<'a, T>(
+    items: &'a [T],
+    size: impl Fn(&T) -> usize + 'a,
+) -> impl Iterator<Item = &'a [T]> + 'a {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut end = 0;
+        while let Some(item) = rest.get(end) {
+            bytes += size(item);
+            if end > 0 && bytes > STATEMENT_BYTES {
+                break;
+            }
+            end += 1;
+        }
+        let (chunk, tail) = rest.split_at(end);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 fn object_of(row: &PgRow) -> Result<SfObject> {
     let name: String = row.try_get("object")?;
     name.parse()
@@ -440,4 +491,29 @@ fn staged_change(row: &PgRow) -> Result<StagedChange> {
         status_code: row.try_get("status_code")?,
         message: row.try_get("message")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sized_chunks_keep_every_item_in_order_within_the_budget() {
+        let sizes: Vec<usize> = (0..500).map(|index| 50 + index % 400).collect();
+        let chunks: Vec<&[usize]> = sized_chunks(&sizes, |size| *size).collect();
+        assert!(chunks.len() > 1);
+        assert_eq!(chunks.concat(), sizes);
+        for chunk in &chunks {
+            assert!(chunk.iter().sum::<usize>() <= STATEMENT_BYTES, "{chunk:?}");
+        }
+        // Each chunk but the last is full: one more item would not have fitted.
+        for pair in chunks.windows(2) {
+            assert!(pair[0].iter().sum::<usize>() + pair[1][0] > STATEMENT_BYTES);
+        }
+        // An item over the budget goes alone rather than never.
+        let huge = [10, STATEMENT_BYTES * 2, 10];
+        let chunks: Vec<&[usize]> = sized_chunks(&huge, |size| *size).collect();
+        assert_eq!(chunks, [&[10][..], &[STATEMENT_BYTES * 2], &[10]]);
+        assert_eq!(sized_chunks(&[] as &[usize], |size| *size).count(), 0);
+    }
 }

@@ -320,10 +320,9 @@ impl Writer {
         }
         let pass = self.store.begin_pass().await?;
         let result = async {
-            let addresses: Vec<&str> = emails.iter().map(String::as_str).collect();
-            self.store
-                .stage_emails(pass, &addresses, &vec![None; addresses.len()])
-                .await?;
+            let emails: Vec<(&str, Option<&str>)> =
+                emails.iter().map(|email| (email.as_str(), None)).collect();
+            self.store.stage_emails(pass, &emails).await?;
             self.apply(pass, options).await
         }
         .await;
@@ -331,18 +330,49 @@ impl Writer {
         result
     }
 
-    /// Stages a batch's emails under an id of their own, to be merged into its pass's.
-    pub(crate) async fn stage_batch(&self, emails: &DirtyEmails) -> Result<PassId> {
-        let batch = self.store.begin_pass().await?;
-        let (addresses, trace_ids): (Vec<&str>, Vec<Option<&str>>) = emails
-            .iter()
-            .map(|(email, trace_id)| (email.as_str(), trace_id.as_deref()))
-            .unzip();
-        if let Err(error) = self.store.stage_emails(batch, &addresses, &trace_ids).await {
-            self.end_pass(batch).await;
-            return Err(error);
+    /// Stages the emails of a batch of dirty notifications under an id of their own, to be
+    /// merged into its pass's, a message at a time: each message's emails are dropped once
+    /// staged, so the batch never holds its emails twice (decoded and normalised). An email in
+    /// several messages keeps the trace of the first. No pass is begun for a batch without
+    /// emails (flushes only).
+    pub(crate) async fn stage_batch(
+        &self,
+        messages: Vec<Message<PersonsDirty>>,
+    ) -> Result<StagedBatch> {
+        let mut staged = StagedBatch {
+            batch: None,
+            emails: 0,
+            keys: Vec::with_capacity(messages.len()),
+        };
+        let any = messages.iter().any(|message| {
+            message
+                .body
+                .emails
+                .iter()
+                .any(|email| !email.trim().is_empty())
+        });
+        if !any {
+            staged.keys = vec![Box::default(); messages.len()];
+            return Ok(staged);
         }
-        Ok(batch)
+        let batch = self.store.begin_pass().await?;
+        staged.batch = Some(batch);
+        for message in messages {
+            let (emails, trace_id) = message_emails(message);
+            staged.emails += emails.len();
+            staged
+                .keys
+                .push(emails.iter().map(|email| email_key(email)).collect());
+            let rows: Vec<(&str, Option<&str>)> = emails
+                .iter()
+                .map(|email| (email.as_str(), trace_id.as_deref()))
+                .collect();
+            if let Err(error) = self.store.stage_emails(batch, &rows).await {
+                self.end_pass(batch).await;
+                return Err(error);
+            }
+        }
+        Ok(staged)
     }
 
     /// Removes a pass's staged rows. A failure only leaves them to the sweep of stale passes.
@@ -915,44 +945,41 @@ impl Writer {
     }
 }
 
-/// The emails a batch of dirty notifications asks to write.
-pub(crate) type DirtyEmails = BTreeMap<String, Option<Arc<str>>>;
-
-/// What a write pass needs of a batch of dirty notifications, and what the batch keeps of them
-/// while it waits for the pass.
-#[derive(Debug, Default)]
-pub(crate) struct DirtyBatch {
-    /// The distinct normalised emails, each with the trace id of the first message that
-    /// carried it.
-    pub(crate) emails: DirtyEmails,
+/// What a batch of dirty notifications keeps once staged, while it waits for its pass.
+#[derive(Debug)]
+pub(crate) struct StagedBatch {
+    /// Its staged emails; `None` when it held none.
+    pub(crate) batch: Option<PassId>,
+    /// Emails staged (an email in two messages counts twice).
+    pub(crate) emails: usize,
     /// For each message, in order, a key of each of its emails (see [`email_key`]): enough to
-    /// tell which messages hold an email the pass must retry. The decoded messages are dropped
-    /// instead of held through the pass: in a first sync's burst they would be one more copy
-    /// of every email.
+    /// tell which messages hold an email the pass must retry, without keeping the emails.
     pub(crate) keys: Vec<Box<[u64]>>,
 }
 
-/// Reads a batch of dirty notifications (see [`DirtyBatch`]).
-pub(crate) fn dirty_batch(messages: Vec<Message<PersonsDirty>>) -> DirtyBatch {
-    let mut batch = DirtyBatch::default();
-    for message in messages {
-        let trace_id: Option<Arc<str>> = traceparent(&message.headers)
-            .and_then(|value| plan::trace_id_from_traceparent(&value))
-            .map(Arc::from);
-        let mut keys = Vec::with_capacity(message.body.emails.len());
-        for email in &message.body.emails {
-            let email = plan::normalize_email(email);
-            if !email.is_empty() {
-                keys.push(email_key(&email));
-                batch
-                    .emails
-                    .entry(email)
-                    .or_insert_with(|| trace_id.clone());
+/// The normalised, non-empty emails of one dirty notification (reusing its strings where they
+/// are normalised already, as the evaluator sends them), with the trace id of the message.
+pub(crate) fn message_emails(message: Message<PersonsDirty>) -> (Vec<String>, Option<Arc<str>>) {
+    let trace_id: Option<Arc<str>> = traceparent(&message.headers)
+        .and_then(|value| plan::trace_id_from_traceparent(&value))
+        .map(Arc::from);
+    let emails = message
+        .body
+        .emails
+        .into_iter()
+        .map(|email| {
+            let normalized = email.is_ascii()
+                && email.trim().len() == email.len()
+                && !email.bytes().any(|byte| byte.is_ascii_uppercase());
+            if normalized {
+                email
+            } else {
+                plan::normalize_email(&email)
             }
-        }
-        batch.keys.push(keys.into_boxed_slice());
-    }
-    batch
+        })
+        .filter(|email| !email.is_empty())
+        .collect();
+    (emails, trace_id)
 }
 
 /// A fixed hash of a normalised email. Two emails sharing a key only make a message be
@@ -1041,32 +1068,66 @@ mod tests {
 
     #[test]
     fn only_the_messages_holding_an_email_to_retry_are_redelivered() {
-        let batch = dirty_batch(vec![
+        let messages = vec![
             message(&["Ann@Example.com", "bob@example.com"]),
             message(&["cy@example.com"]),
             // A flush carries no email.
             message(&[]),
-            message(&[" ANN@example.com "]),
-        ]);
+            message(&[" ANN@example.com ", "  "]),
+        ];
+        let (emails, keys): (Vec<Vec<String>>, Vec<Box<[u64]>>) = messages
+            .into_iter()
+            .map(|message| {
+                let (emails, _) = message_emails(message);
+                let keys = emails.iter().map(|email| email_key(email)).collect();
+                (emails, keys)
+            })
+            .unzip();
         assert_eq!(
-            batch.emails.keys().collect::<Vec<_>>(),
-            ["ann@example.com", "bob@example.com", "cy@example.com"]
+            emails,
+            [
+                vec!["ann@example.com", "bob@example.com"],
+                vec!["cy@example.com"],
+                vec![],
+                vec!["ann@example.com"]
+            ]
         );
         let retry = Ok(Arc::new(BTreeSet::from(["ann@example.com".to_owned()])));
         let locked = Outcome::Retry("salesforce records stayed locked".to_owned());
         assert_eq!(
-            outcomes(&batch.keys, &retry),
+            outcomes(&keys, &retry),
             [locked.clone(), Outcome::Ack, Outcome::Ack, locked]
         );
         assert_eq!(
-            outcomes(&batch.keys, &Ok(Arc::default())),
+            outcomes(&keys, &Ok(Arc::default())),
             [Outcome::Ack, Outcome::Ack, Outcome::Ack, Outcome::Ack]
         );
         let failed = Outcome::Retry("evaluator down".to_owned());
         assert_eq!(
-            outcomes(&batch.keys, &Err("evaluator down".to_owned())),
+            outcomes(&keys, &Err("evaluator down".to_owned())),
             [failed.clone(), failed.clone(), failed.clone(), failed]
         );
+    }
+
+    #[test]
+    fn a_message_keeps_its_normalised_emails_and_its_trace() {
+        let mut traced = message(&["x@example.com", "MiXeD@Example.COM", "ünï@exämple.com"]);
+        traced.headers.insert(
+            "traceparent".into(),
+            lapin::types::AMQPValue::LongString(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            ),
+        );
+        let (emails, trace_id) = message_emails(traced);
+        assert_eq!(
+            emails,
+            ["x@example.com", "mixed@example.com", "ünï@exämple.com"]
+        );
+        assert_eq!(
+            trace_id.as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        assert_eq!(message_emails(message(&["ÜNÏ@x.com"])).0, ["ünï@x.com"]);
     }
 
     #[test]
