@@ -292,5 +292,6 @@ impl Gathered {
             // A consumer that stopped waiting (shutdown) gets its messages redelivered anyway.
             drop(reply.send(answer.clone()));
         }
+        optout_service::runtime::release_free_memory();
     }
 }

@@ -251,6 +251,42 @@ pub fn parse_record(object: SfObject, row: &Value) -> Option<CurrentRecord> {
     })
 }
 
+/// One row of a read statement ([`read_queries`]) as Salesforce returns it, parsed straight
+/// from the response rather than through a JSON value: a read brings back hundreds of rows, and
+/// as values each is a map of its fields, several times the memory.
+#[derive(Debug, serde::Deserialize)]
+pub struct RecordRow {
+    #[serde(rename = "Id")]
+    id: Option<String>,
+    /// `Email`, or `PersonEmail` on a Person Account.
+    #[serde(rename = "Email", alias = "PersonEmail")]
+    email: Option<String>,
+    /// The object's Email Opt Out field.
+    #[serde(rename = "HasOptedOutOfEmail", alias = "PersonHasOptedOutOfEmail")]
+    opted_out: Option<bool>,
+    #[serde(rename = "IsConverted")]
+    is_converted: Option<bool>,
+}
+
+/// Reads one row of a read statement of `object`, as [`parse_record`] reads its JSON value.
+pub fn parse_row(object: SfObject, row: RecordRow) -> Option<CurrentRecord> {
+    // Converted Leads are filtered in SOQL already; this guards against a query that forgot to.
+    if row.is_converted == Some(true) {
+        return None;
+    }
+    let id = row.id?;
+    let email = normalize_email(&row.email?);
+    if id.is_empty() || email.is_empty() {
+        return None;
+    }
+    Some(CurrentRecord {
+        object,
+        id,
+        email,
+        opted_out: row.opted_out.unwrap_or(false),
+    })
+}
+
 /// One record whose field differs from its target.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {

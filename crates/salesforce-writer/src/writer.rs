@@ -683,13 +683,12 @@ impl Writer {
     /// Salesforce allows 25 long-running requests per org; a pass keeps `READ_CONCURRENCY` in
     /// flight, as one at a time it would spend most of its time waiting on round trips.
     async fn read(&self, read: plan::Read) -> Result<Vec<Change>> {
-        let rows: Vec<Value> = self.salesforce.query(&read.soql).await?;
+        let rows: Vec<plan::RecordRow> = self.salesforce.query(&read.soql).await?;
         self.counters.add("records_read", rows.len() as u64);
         let records: Vec<CurrentRecord> = rows
-            .iter()
-            .filter_map(|row| plan::parse_record(read.object, row))
+            .into_iter()
+            .filter_map(|row| plan::parse_row(read.object, row))
             .collect();
-        drop(rows);
         Ok(read.diff(&records))
     }
 

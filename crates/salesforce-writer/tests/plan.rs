@@ -241,6 +241,44 @@ fn parses_rows_of_each_object() {
 }
 
 #[test]
+fn typed_rows_read_as_their_json_values_do() -> Result<(), serde_json::Error> {
+    let rows = [
+        (
+            SfObject::Contact,
+            json!({"attributes": {"type": "Contact", "url": "/x"}, "Id": "003A", "Email": " A@X.com", "HasOptedOutOfEmail": true}),
+        ),
+        (
+            SfObject::Lead,
+            json!({"Id": "00QA", "Email": "l@x.com", "HasOptedOutOfEmail": null}),
+        ),
+        (
+            SfObject::Lead,
+            json!({"Id": "00QB", "Email": "c@x.com", "HasOptedOutOfEmail": false, "IsConverted": true}),
+        ),
+        (
+            SfObject::PersonAccount,
+            json!({"Id": "001A", "PersonEmail": "P@x.com", "PersonHasOptedOutOfEmail": true}),
+        ),
+        (
+            SfObject::Contact,
+            json!({"Id": "003B", "Email": null, "HasOptedOutOfEmail": false}),
+        ),
+        (
+            SfObject::Contact,
+            json!({"Id": "", "Email": "e@x.com", "HasOptedOutOfEmail": false}),
+        ),
+    ];
+    let mut parsed = 0;
+    for (object, row) in rows {
+        let typed = plan::parse_row(object, serde_json::from_value(row.clone())?);
+        assert_eq!(typed, parse_record(object, &row), "{row}");
+        parsed += usize::from(typed.is_some());
+    }
+    assert_eq!(parsed, 3);
+    Ok(())
+}
+
+#[test]
 fn contact_queries_leave_person_contacts_to_their_account() {
     let emails = ["a@x.com".to_owned()];
     let with = read_queries(SfObject::Contact, &emails, true);
