@@ -9,6 +9,10 @@
 //! union and answers each batch with its own outcome. A partition's consumer waits for its answer
 //! before it takes more deliveries, so an email (always in one partition) is in at most one pass
 //! at a time and its notifications are still handled in order.
+//!
+//! A batch stages its emails in PostgreSQL before it is handed in (`Writer::stage_batch`), and
+//! the pass merges its batches' rows into its own: while they wait, the batches hold only their
+//! messages' email keys, not the emails.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -36,8 +40,9 @@ const GATHER_GAP: Duration = Duration::from_millis(20);
 /// looks again.
 const GATHER_STEP: Duration = Duration::from_millis(5);
 
-/// Emails above which a pass starts without waiting for more batches, so the memory of one pass
-/// stays bounded whatever the size of the burst.
+/// Emails above which a pass starts without waiting for more batches. A pass's memory does not
+/// depend on its size (its emails and changes are staged in PostgreSQL), but its Bulk jobs and
+/// the time until its batches are answered do.
 const PASS_EMAILS: usize = 40_000;
 
 /// How long a pass may wait for batches still forming.
@@ -61,7 +66,7 @@ struct Submission {
     urgent: bool,
     /// The batch's emails, staged under an id of their own (see [`Writer::stage_batch`]).
     batch: PassId,
-    /// How many distinct emails the batch holds.
+    /// Emails the batch staged (one in two of its messages counts twice).
     emails: usize,
     /// The consumer's `process` span, which the pass continues.
     span: tracing::Span,
