@@ -155,7 +155,7 @@ impl Coalescer {
                 .await
                 .unwrap_or_else(|_| Err("the write pass ended without an answer".to_owned())),
             Err(_) => {
-                self.writer.end_pass(batch).await;
+                self.writer.end_passes(&[batch]).await;
                 Err("the writer is shutting down".to_owned())
             }
         };
@@ -272,9 +272,8 @@ impl Gathered {
             .map_err(|error| error_chain(&error)),
             (_, failure) => Err(failure.unwrap_or_default()),
         };
-        for staged in pass.iter().chain(&batches) {
-            writer.end_pass(*staged).instrument(span.clone()).await;
-        }
+        let staged: Vec<PassId> = pass.into_iter().chain(batches).collect();
+        writer.end_passes(&staged).instrument(span.clone()).await;
         let _entered = span.enter();
         let answer = match result {
             Ok(report) => {

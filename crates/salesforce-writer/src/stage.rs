@@ -105,16 +105,19 @@ impl Store {
         Ok(PassId(id))
     }
 
-    /// Removes the pass's rows.
-    pub(crate) async fn end_pass(&self, pass: PassId) -> Result<()> {
-        sqlx::query("DELETE FROM pass_emails WHERE pass = $1")
-            .bind(pass.0)
-            .execute(self.pool())
-            .await?;
-        sqlx::query("DELETE FROM pass_changes WHERE pass = $1")
-            .bind(pass.0)
-            .execute(self.pool())
-            .await?;
+    /// Removes the rows of `passes` (a pass and the batches merged into it), in one statement
+    /// per table.
+    pub(crate) async fn end_passes(&self, passes: &[PassId]) -> Result<()> {
+        let passes: Vec<i64> = passes.iter().map(|pass| pass.0).collect();
+        for statement in [
+            "DELETE FROM pass_emails WHERE pass = ANY($1)",
+            "DELETE FROM pass_changes WHERE pass = ANY($1)",
+        ] {
+            sqlx::query(statement)
+                .bind(&passes)
+                .execute(self.pool())
+                .await?;
+        }
         Ok(())
     }
 

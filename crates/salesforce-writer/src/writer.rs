@@ -326,7 +326,7 @@ impl Writer {
             self.apply(pass, options).await
         }
         .await;
-        self.end_pass(pass).await;
+        self.end_passes(&[pass]).await;
         result
     }
 
@@ -368,17 +368,18 @@ impl Writer {
                 .map(|email| (email.as_str(), trace_id.as_deref()))
                 .collect();
             if let Err(error) = self.store.stage_emails(batch, &rows).await {
-                self.end_pass(batch).await;
+                self.end_passes(&[batch]).await;
                 return Err(error);
             }
         }
         Ok(staged)
     }
 
-    /// Removes a pass's staged rows. A failure only leaves them to the sweep of stale passes.
-    pub(crate) async fn end_pass(&self, pass: PassId) {
-        if let Err(error) = self.store.end_pass(pass).await {
-            tracing::warn!(error = %crate::error_chain(&error), ?pass, "could not remove a pass's staged rows");
+    /// Removes the staged rows of `passes`. A failure only leaves them to the sweep of stale
+    /// passes.
+    pub(crate) async fn end_passes(&self, passes: &[PassId]) {
+        if let Err(error) = self.store.end_passes(passes).await {
+            tracing::warn!(error = %crate::error_chain(&error), ?passes, "could not remove passes' staged rows");
         }
     }
 
