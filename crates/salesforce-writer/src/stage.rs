@@ -13,12 +13,12 @@ use crate::Result;
 use crate::plan::{Change, SfObject};
 use crate::store::Store;
 
-/// Most bytes of bound values in one statement (estimated). sqlx leaves Nagle's algorithm on,
-/// so a message that leaves in two writes has its second part held until PostgreSQL
-/// acknowledges the first, which it delays by 40 ms; larger statements did that here. Measured
-/// on this writer: a statement of 250 staged changes took 44 ms, the same rows in statements of
-/// 40 took 4 ms in all. (Reproduced with a raw socket: a query split in two writes took 42 ms
-/// with Nagle on, 0.5 ms with `TCP_NODELAY`.)
+/// Most bytes of bound values in one statement (estimated). sqlx grows a connection's write
+/// buffer to the largest message it sends: with statements of 2,000 emails those buffers held
+/// 1.7 MB at the writer's heap peak. Small statements were first needed for time: sqlx 0.9.0 left Nagle's algorithm on, and a
+/// message that left in two writes had its second part held until PostgreSQL acknowledged the
+/// first, 40 ms later (a statement of 250 staged changes took 44 ms, the same rows in statements
+/// of 40 took 4 ms in all); 0.9.1 sets `TCP_NODELAY` again.
 const STATEMENT_BYTES: usize = 12 * 1024;
 
 /// What PostgreSQL's binary array encoding adds to each value: its length.
