@@ -43,11 +43,15 @@ async fn records_written(stack: &Stack) -> Result<u64> {
 /// SIGTERMs `role` while it holds deliveries in the middle of a sync, restarts it, and checks the
 /// outcome against the rule, the sandbox's write count, the audit trail and the transitions.
 async fn sigterm_mid_sync(role: Role) -> Result<()> {
-    // Small pages and batches so the sync is a stream of deliveries, slow enough to interrupt.
+    // Small pages so the sync is a stream of deliveries, slow enough to interrupt. A writer's
+    // pass takes one batch per partition: batches of one message make the sync's dozen or more
+    // `persons.dirty` messages several passes however fast they come, so one pass has applied
+    // its work while the next one's deliveries are held. (Larger batches let a fast evaluator's
+    // whole stream fill the first pass, which leaves no such moment.)
     let mut stack = Stack::start(StackConfig {
         extra_env: vec![
             ("OPTOUT_PAGE_SIZE".to_owned(), "100".to_owned()),
-            ("OPTOUT_BATCH_SIZE".to_owned(), "25".to_owned()),
+            ("OPTOUT_BATCH_SIZE".to_owned(), "1".to_owned()),
         ],
         ..StackConfig::default()
     })
