@@ -87,6 +87,14 @@ pub struct ConsumeOptions {
     pub in_flight: Arc<AtomicU64>,
     /// Batching for economy rather than latency, for deliveries without [`URGENT_HEADER`](crate::URGENT_HEADER).
     pub bulk: Option<BulkBatching>,
+    /// Whether the handler may answer [`Outcome::DeadLetter`], for which the consumer keeps each
+    /// delivery's body until it is settled. When false the consumer drops a body as soon as it is
+    /// decoded (undecodable ones are still dead-lettered whole, before the handler): a batch
+    /// then never holds its messages both encoded and decoded, nor its encoded bodies while the
+    /// handler works, which for a burst of large notifications is most of what the batch
+    /// weighs. A `DeadLetter` answered anyway is requeued, with a warning, and the queue's
+    /// delivery limit moves the message, whole, to its dead-letter queue.
+    pub handler_dead_letters: bool,
 }
 
 /// How a batch of non-urgent deliveries fills when [`ConsumeOptions::bulk`] is set: it keeps
@@ -206,6 +214,7 @@ where
         dead_letter_channel,
         in_flight: options.in_flight.clone(),
         metrics,
+        keep_bodies: options.handler_dead_letters,
     };
     let mut paused = options.paused.clone();
     let result = consume_sessions(
@@ -428,6 +437,8 @@ struct Worker<'a> {
     dead_letter_channel: Channel,
     in_flight: Arc<AtomicU64>,
     metrics: ConsumerMetrics,
+    /// See [`ConsumeOptions::handler_dead_letters`].
+    keep_bodies: bool,
 }
 
 impl Worker<'_> {
@@ -444,7 +455,7 @@ impl Worker<'_> {
     {
         let mut decoded = Vec::with_capacity(batch.len());
         let mut deliveries = Vec::with_capacity(batch.len());
-        for delivery in batch {
+        for mut delivery in batch {
             let message_type = delivery
                 .properties
                 .kind()
@@ -465,6 +476,9 @@ impl Worker<'_> {
                         redelivered: delivery.redelivered,
                         headers,
                     });
+                    if !self.keep_bodies {
+                        delivery.data = Vec::new();
+                    }
                     deliveries.push(delivery);
                 }
                 Err(reason) => {
@@ -523,6 +537,14 @@ impl Worker<'_> {
             self.metrics.settled(self.queue, name);
             match outcome {
                 Outcome::Ack => self.ack(&delivery).await?,
+                Outcome::DeadLetter(reason) if !self.keep_bodies => {
+                    warn!(
+                        queue = self.queue,
+                        %reason,
+                        "the handler dead-lettered a message whose body was dropped; requeueing it, the delivery limit will dead-letter it"
+                    );
+                    retries.push(delivery);
+                }
                 Outcome::DeadLetter(reason) => self.dead_letter(&delivery, &reason).await?,
                 Outcome::Retry(reason) => {
                     debug!(queue = self.queue, %reason, "requeueing message");

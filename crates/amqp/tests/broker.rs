@@ -105,8 +105,23 @@ impl Running {
     where
         A: Fn(&Message<Ping>) -> Outcome + Send + 'static,
     {
+        Self::start_with(broker, queue, received, true, answer)
+    }
+
+    /// [`Running::start`], saying whether the handler may dead-letter (`handler_dead_letters`).
+    fn start_with<A>(
+        broker: &Broker,
+        queue: &str,
+        received: mpsc::UnboundedSender<Message<Ping>>,
+        handler_dead_letters: bool,
+        answer: A,
+    ) -> Self
+    where
+        A: Fn(&Message<Ping>) -> Outcome + Send + 'static,
+    {
         let limits = (10, 5, Duration::from_millis(100));
-        Self::spawn(broker, queue, limits, None, move |batch| {
+        let options = (None, handler_dead_letters);
+        Self::spawn(broker, queue, limits, options, move |batch| {
             let outcomes: Vec<Outcome> = batch.iter().map(&answer).collect();
             for message in batch {
                 let _ = received.send(message);
@@ -124,7 +139,7 @@ impl Running {
         let (sender, receiver) = mpsc::unbounded_channel();
         let queue = broker.topology.members_changed_queue();
         let limits = (100, 100, Duration::from_millis(50));
-        let running = Self::spawn(broker, &queue, limits, Some(bulk), move |batch| {
+        let running = Self::spawn(broker, &queue, limits, (Some(bulk), true), move |batch| {
             let ids: Vec<String> = batch
                 .iter()
                 .map(|message| message.body.id.clone())
@@ -135,13 +150,13 @@ impl Running {
         (running, receiver)
     }
 
-    /// Runs `consume` on `queue` with `(prefetch, max_batch, max_wait)`, answering each batch
-    /// with `handle`.
+    /// Runs `consume` on `queue` with `(prefetch, max_batch, max_wait)` and `(bulk,
+    /// handler_dead_letters)`, answering each batch with `handle`.
     fn spawn<H>(
         broker: &Broker,
         queue: &str,
         (prefetch, max_batch, max_wait): (u16, usize, Duration),
-        bulk: Option<optout_amqp::BulkBatching>,
+        (bulk, handler_dead_letters): (Option<optout_amqp::BulkBatching>, bool),
         mut handle: H,
     ) -> Self
     where
@@ -157,6 +172,7 @@ impl Running {
             paused: paused_receiver,
             in_flight: in_flight.clone(),
             bulk,
+            handler_dead_letters,
         };
         let connection = broker.connection.clone();
         let topology = broker.topology.clone();
@@ -421,6 +437,58 @@ async fn dead_lettered_message_can_be_replayed_to_its_routing_key() -> anyhow::R
 }
 
 #[tokio::test]
+async fn a_consumer_that_drops_bodies_dead_letters_undecodable_ones_whole_and_requeues_a_handler_dead_letter()
+-> anyhow::Result<()> {
+    let broker = Broker::start().await?;
+    let queue = broker.topology.members_changed_queue();
+    broker
+        .publish_raw("members.changed", &[0xff, 0xff, 0xff])
+        .await?;
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    publisher
+        .publish("members.changed", &ping("poison"))
+        .await?;
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    // The body was dropped once decoded, so the consumer cannot copy it to the dead-letter
+    // queue: it must requeue the message rather than dead-letter an empty body or lose it.
+    let running = Running::start_with(&broker, &queue, sender, false, |message| {
+        if message.redelivered {
+            Outcome::Ack
+        } else {
+            Outcome::DeadLetter("rejected by the handler".to_owned())
+        }
+    });
+    let first = recv(&mut receiver).await?;
+    let second = recv(&mut receiver).await?;
+    assert_eq!(
+        (first.body.id.as_str(), first.redelivered),
+        ("poison", false)
+    );
+    assert_eq!(
+        (second.body.id.as_str(), second.redelivered),
+        ("poison", true)
+    );
+    let connection = broker.connection.clone();
+    let topology = broker.topology.clone();
+    eventually("the undecodable body's dead letter", || async {
+        Ok(dead_letters::list(&connection, &topology, &queue, 10)
+            .await?
+            .len()
+            == 1)
+    })
+    .await?;
+    running.stop().await?;
+    let listed = dead_letters::list(&broker.connection, &broker.topology, &queue, 10).await?;
+    assert!(
+        listed[0].reason.starts_with("undecodable protobuf"),
+        "{listed:?}"
+    );
+    assert_eq!(listed[0].body_bytes, 3, "dead-lettered whole");
+    assert_eq!(broker.depth(&queue).await?.0, 0);
+    broker.teardown().await
+}
+
+#[tokio::test]
 async fn retried_message_is_requeued_and_redelivered() -> anyhow::Result<()> {
     let broker = Broker::start().await?;
     let queue = broker.topology.members_changed_queue();
@@ -586,6 +654,7 @@ async fn consumer_span_continues_the_trace_of_the_publisher_and_is_counted() -> 
         paused: paused_receiver,
         in_flight: Arc::new(AtomicU64::new(0)),
         bulk: None,
+        handler_dead_letters: true,
     };
     let connection = broker.connection.clone();
     let topology = broker.topology.clone();

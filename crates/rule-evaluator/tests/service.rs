@@ -102,6 +102,7 @@ impl World {
                 paused: watch::channel(false).1,
                 in_flight: Arc::default(),
                 bulk: None,
+                handler_dead_letters: true,
             };
             tokio::spawn(async move {
                 let name = queue.clone();

@@ -572,6 +572,10 @@ async fn consume_partition(
             paused: state.paused.subscribe(),
             in_flight: Arc::clone(&state.in_flight),
             bulk: config.sync_batching(),
+            // Records Salesforce rejects are dead-lettered as notifications of their own (see
+            // `Writer::dead_letter`), never as the delivery: the consumer need not keep the
+            // bodies of a burst's batches while their pass runs.
+            handler_dead_letters: false,
         };
         let coalescer = coalescer.clone();
         let result = optout_amqp::consume_with_metrics::<PersonsDirty, _, _>(

@@ -1419,6 +1419,60 @@ async fn a_dry_run_reports_what_the_full_reconcile_then_writes_and_writes_nothin
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_notification_is_dead_lettered_whole_and_the_rest_of_its_batch_is_written()
+-> Result<()> {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use optout_proto::admin::v1::ListDeadLettersRequest;
+    let mut app = TestApp::spawn(false).await?;
+    let email = "after-garbage@example.com";
+    app.contacts_and_leads(&[email.to_owned()]).await?;
+    app.fake.set(email, Decision::OptOut, 0);
+    // Garbage on the email's partition, then its notification: one batch. The writer's consumer
+    // drops the bodies it decoded (its handler never dead-letters a delivery), but not before
+    // it has dead-lettered the one it could not decode.
+    let routing_key = app
+        .topology
+        .persons_dirty_routing_key(app.topology.partition_for(email));
+    let garbage: &[u8] = b"\x0a\xff\xff\xff\xff\x0fgarbage";
+    let channel = app.amqp.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    channel
+        .basic_publish(
+            app.topology.exchange.as_str().into(),
+            routing_key.as_str().into(),
+            BasicPublishOptions::default(),
+            garbage,
+            lapin::BasicProperties::default().with_message_id("garbage-1".into()),
+        )
+        .await?
+        .await?;
+    app.publish(&[email]).await?;
+
+    wait_for_value(&app, &[email], true).await?;
+    app.wait_idle().await?;
+    let listed = app
+        .admin
+        .list_dead_letters(ListDeadLettersRequest { limit: 0 })
+        .await?
+        .into_inner()
+        .dead_letters;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let dead_letter = &listed[0];
+    assert!(
+        dead_letter.reason.starts_with("undecodable protobuf"),
+        "{dead_letter:?}"
+    );
+    assert_eq!(dead_letter.message_id, "garbage-1");
+    assert_eq!(dead_letter.routing_key, routing_key);
+    // The whole body, not what was left of it once handed over.
+    assert_eq!(dead_letter.body_bytes, garbage.len() as u64);
+    assert_eq!(app.queued().await?, 0);
+    app.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_replayed_one_or_all_and_purged_ending_in_the_right_state()
 -> Result<()> {
     use optout_proto::admin::v1::{
