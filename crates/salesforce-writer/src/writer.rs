@@ -757,7 +757,7 @@ impl Writer {
     /// One Bulk API 2.0 update job over the `changes` staged changes of `object`. Records it
     /// did not settle are written through collections afterwards.
     async fn write_bulk(&self, pass: PassId, object: SfObject, changes: usize) -> Result<()> {
-        let mut csv = plan::bulk_csv_header(object);
+        let mut csv = plan::bulk_csv_header(object, changes);
         let mut after: Option<String> = None;
         loop {
             let rows = self

@@ -456,6 +456,26 @@ fn parses_salesforce_datetimes() {
 }
 
 #[test]
+fn a_bulk_csv_is_written_into_the_room_made_for_its_rows() {
+    let rows = 1_000;
+    let mut csv = plan::bulk_csv_header(SfObject::Contact, rows);
+    let start = csv.as_ptr();
+    for index in 0..rows {
+        // 18-character ids, the longest Salesforce gives, and the longer of the two values.
+        plan::push_bulk_row(&mut csv, &format!("003{index:015}"), false);
+    }
+    assert_eq!(csv.lines().count(), rows + 1);
+    assert!(
+        csv.ends_with("003000000000000999,false\n"),
+        "{}",
+        &csv[csv.len() - 40..]
+    );
+    // Never reallocated: no copy of the CSV, no doubling past what it needs.
+    assert_eq!(csv.as_ptr(), start);
+    assert_eq!(csv.capacity(), csv.len());
+}
+
+#[test]
 fn bulk_csv_and_errors_use_the_object_field() {
     let change = Change {
         object: SfObject::PersonAccount,

@@ -220,7 +220,8 @@ struct Session {
 enum Body {
     Empty,
     Json(Value),
-    Csv(String),
+    /// Shared, so a retried upload does not copy a Bulk job's whole CSV.
+    Csv(bytes::Bytes),
 }
 
 struct Inner {
@@ -445,7 +446,7 @@ impl SalesforceClient {
             Method::PUT,
             &format!("jobs/ingest/{job_id}/batches"),
             &[],
-            &Body::Csv(csv),
+            &Body::Csv(bytes::Bytes::from(csv)),
             false,
         )
         .await?;
