@@ -39,8 +39,9 @@ const MMAP_THRESHOLD: i32 = 128 * 1024;
 /// of every mapped block freed (up to 32 MiB), after which such blocks come from the heap.
 /// The services' large buffers (a batch's rows, a Bulk job's CSV, grown socket buffers) then
 /// stay resident in the heap's free space, fragmented, after they are freed; mapped, they go
-/// back to the system at once. Measured over the 1M benchmark: the evaluator's peak went from
-/// 45-47 to 42.6 MiB, the writer's from 26.6 to 26.1 MiB, with the same sync times.
+/// back to the system at once. Measured over quick runs of the 1M benchmark: the evaluator's
+/// peak went from 45.4-47.8 to 42.6-44.6 MiB (the writer's barely moved, 26.2-26.6 to
+/// 26.1-26.3 MiB), with no visible cost in the sync times.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
