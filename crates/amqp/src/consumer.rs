@@ -88,12 +88,12 @@ pub struct ConsumeOptions {
     /// Batching for economy rather than latency, for deliveries without [`URGENT_HEADER`](crate::URGENT_HEADER).
     pub bulk: Option<BulkBatching>,
     /// Whether the handler may answer [`Outcome::DeadLetter`], for which the consumer keeps each
-    /// delivery's body until it is settled. When false the consumer drops a body as soon as it is
-    /// decoded (undecodable ones are still dead-lettered whole, before the handler): a batch
-    /// then never holds its messages both encoded and decoded, nor its encoded bodies while the
-    /// handler works, which for a burst of large notifications is most of what the batch
-    /// weighs. A `DeadLetter` answered anyway is requeued, with a warning, and the queue's
-    /// delivery limit moves the message, whole, to its dead-letter queue.
+    /// delivery's body until it is settled. When false the consumer drops each body as soon as
+    /// it is decoded (undecodable ones are still dead-lettered whole, before the handler), so a
+    /// batch does not keep its encoded bodies while the handler works: for a burst of large
+    /// notifications, a good part of what the batch weighs. A `DeadLetter` answered anyway is
+    /// requeued, with a warning, and the queue's delivery limit moves the message, whole, to its
+    /// dead-letter queue.
     pub handler_dead_letters: bool,
 }
 

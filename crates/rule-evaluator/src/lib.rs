@@ -266,7 +266,7 @@ async fn consume_until_shutdown(
         in_flight: shared.in_flight.clone(),
         // Pages come in whole from the fetcher: nothing gains from waiting longer for them.
         bulk: None,
-        // A page the rule rejects is dead-lettered by the handler.
+        // A message the handler finds invalid is dead-lettered with its reason.
         handler_dead_letters: true,
     };
     let queue = topology.members_changed_queue();
