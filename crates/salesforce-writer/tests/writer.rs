@@ -1427,9 +1427,9 @@ async fn an_undecodable_notification_is_dead_lettered_whole_and_the_rest_of_its_
     let email = "after-garbage@example.com";
     app.contacts_and_leads(&[email.to_owned()]).await?;
     app.fake.set(email, Decision::OptOut, 0);
-    // Garbage on the email's partition, then its notification: one batch. The writer's consumer
-    // drops the bodies it decoded (its handler never dead-letters a delivery), but not before
-    // it has dead-lettered the one it could not decode.
+    // Garbage on the email's partition, then its notification, back to back (so most likely
+    // one batch). The writer's consumer drops the bodies it decoded (its handler never
+    // dead-letters a delivery), but not before it has dead-lettered the one it could not decode.
     let routing_key = app
         .topology
         .persons_dirty_routing_key(app.topology.partition_for(email));
