@@ -214,7 +214,7 @@ where
         dead_letter_channel,
         in_flight: options.in_flight.clone(),
         metrics,
-        keep_bodies: options.handler_dead_letters,
+        handler_dead_letters: options.handler_dead_letters,
     };
     let mut paused = options.paused.clone();
     let result = consume_sessions(
@@ -438,7 +438,7 @@ struct Worker<'a> {
     in_flight: Arc<AtomicU64>,
     metrics: ConsumerMetrics,
     /// See [`ConsumeOptions::handler_dead_letters`].
-    keep_bodies: bool,
+    handler_dead_letters: bool,
 }
 
 impl Worker<'_> {
@@ -476,7 +476,7 @@ impl Worker<'_> {
                         redelivered: delivery.redelivered,
                         headers,
                     });
-                    if !self.keep_bodies {
+                    if !self.handler_dead_letters {
                         delivery.data = Vec::new();
                     }
                     deliveries.push(delivery);
@@ -537,7 +537,7 @@ impl Worker<'_> {
             self.metrics.settled(self.queue, name);
             match outcome {
                 Outcome::Ack => self.ack(&delivery).await?,
-                Outcome::DeadLetter(reason) if !self.keep_bodies => {
+                Outcome::DeadLetter(reason) if !self.handler_dead_letters => {
                     warn!(
                         queue = self.queue,
                         %reason,

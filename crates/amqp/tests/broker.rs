@@ -80,6 +80,24 @@ impl Broker {
         Ok(())
     }
 
+    /// Waits until `queue`'s dead-letter queue holds `count` messages, and lists them.
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        count: usize,
+    ) -> anyhow::Result<Vec<dead_letters::DeadLetter>> {
+        eventually(&format!("{count} dead letters"), || async {
+            Ok(
+                dead_letters::list(&self.connection, &self.topology, queue, 10)
+                    .await?
+                    .len()
+                    == count,
+            )
+        })
+        .await?;
+        Ok(dead_letters::list(&self.connection, &self.topology, queue, 10).await?)
+    }
+
     async fn teardown(self) -> anyhow::Result<()> {
         let channel = self.connection.create_channel().await?;
         teardown(&channel, &self.topology).await?;
@@ -335,22 +353,13 @@ async fn undecodable_body_lands_in_the_dead_letter_queue_with_its_reason() -> an
         .await?;
     let (sender, mut receiver) = mpsc::unbounded_channel();
     let running = Running::start(&broker, &queue, sender, |_| Outcome::Ack);
-    let connection = broker.connection.clone();
-    let topology = broker.topology.clone();
-    eventually("the dead letter", || async {
-        Ok(dead_letters::list(&connection, &topology, &queue, 10)
-            .await?
-            .len()
-            == 1)
-    })
-    .await?;
+    let listed = broker.dead_letters(&queue, 1).await?;
     running.stop().await?;
     assert!(
         receiver.try_recv().is_err(),
         "the handler never saw the undecodable body"
     );
 
-    let listed = dead_letters::list(&broker.connection, &broker.topology, &queue, 10).await?;
     let dead_letter = &listed[0];
     assert!(
         dead_letter.reason.starts_with("undecodable protobuf"),
@@ -468,17 +477,8 @@ async fn a_consumer_that_drops_bodies_dead_letters_undecodable_ones_whole_and_re
         (second.body.id.as_str(), second.redelivered),
         ("poison", true)
     );
-    let connection = broker.connection.clone();
-    let topology = broker.topology.clone();
-    eventually("the undecodable body's dead letter", || async {
-        Ok(dead_letters::list(&connection, &topology, &queue, 10)
-            .await?
-            .len()
-            == 1)
-    })
-    .await?;
+    let listed = broker.dead_letters(&queue, 1).await?;
     running.stop().await?;
-    let listed = dead_letters::list(&broker.connection, &broker.topology, &queue, 10).await?;
     assert!(
         listed[0].reason.starts_with("undecodable protobuf"),
         "{listed:?}"

@@ -1206,6 +1206,16 @@ impl TestApp {
         self.wait_until_ready().await
     }
 
+    /// Every dead letter of the `persons.dirty` queues, through the Admin API.
+    async fn dead_letters(&mut self) -> Result<Vec<optout_proto::admin::v1::DeadLetter>> {
+        Ok(self
+            .admin
+            .list_dead_letters(optout_proto::admin::v1::ListDeadLettersRequest { limit: 0 })
+            .await?
+            .into_inner()
+            .dead_letters)
+    }
+
     /// Messages waiting in the `persons.dirty` queues (not their DLQs), read from the broker directly.
     async fn queued(&self) -> Result<u64> {
         let channel = self.amqp.create_channel().await?;
@@ -1422,7 +1432,6 @@ async fn a_dry_run_reports_what_the_full_reconcile_then_writes_and_writes_nothin
 async fn an_undecodable_notification_is_dead_lettered_whole_and_the_rest_of_its_batch_is_written()
 -> Result<()> {
     use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-    use optout_proto::admin::v1::ListDeadLettersRequest;
     let mut app = TestApp::spawn(false).await?;
     let email = "after-garbage@example.com";
     app.contacts_and_leads(&[email.to_owned()]).await?;
@@ -1452,12 +1461,7 @@ async fn an_undecodable_notification_is_dead_lettered_whole_and_the_rest_of_its_
 
     wait_for_value(&app, &[email], true).await?;
     app.wait_idle().await?;
-    let listed = app
-        .admin
-        .list_dead_letters(ListDeadLettersRequest { limit: 0 })
-        .await?
-        .into_inner()
-        .dead_letters;
+    let listed = app.dead_letters().await?;
     assert_eq!(listed.len(), 1, "{listed:?}");
     let dead_letter = &listed[0];
     assert!(
@@ -1489,12 +1493,7 @@ async fn dead_letters_are_listed_replayed_one_or_all_and_purged_ending_in_the_ri
             .await?;
     }
 
-    let listed = app
-        .admin
-        .list_dead_letters(ListDeadLettersRequest { limit: 0 })
-        .await?
-        .into_inner()
-        .dead_letters;
+    let listed = app.dead_letters().await?;
     assert_eq!(listed.len(), 3, "{listed:?}");
     assert!(listed.iter().all(
         |dead_letter| dead_letter.reason == "INVALID_FIELD: test rejection"
@@ -1526,12 +1525,7 @@ async fn dead_letters_are_listed_replayed_one_or_all_and_purged_ending_in_the_ri
         .replayed;
     assert_eq!(replayed, 1);
     app.wait_idle().await?;
-    let left = app
-        .admin
-        .list_dead_letters(ListDeadLettersRequest { limit: 0 })
-        .await?
-        .into_inner()
-        .dead_letters;
+    let left = app.dead_letters().await?;
     assert_eq!(left.len(), 2);
     assert_eq!(app.checked(&emails).await?.len(), 1);
 
@@ -1565,14 +1559,7 @@ async fn dead_letters_are_listed_replayed_one_or_all_and_purged_ending_in_the_ri
         .into_inner()
         .purged;
     assert_eq!(purged, 1);
-    assert!(
-        app.admin
-            .list_dead_letters(ListDeadLettersRequest { limit: 0 })
-            .await?
-            .into_inner()
-            .dead_letters
-            .is_empty()
-    );
+    assert!(app.dead_letters().await?.is_empty());
     app.stop().await
 }
 
