@@ -174,10 +174,13 @@ pub async fn connect(url: &str) -> Result<lapin::Connection> {
 }
 
 /// The largest frame [`connect`] asks for, unless the URL sets `frame_max`. lapin keeps a receive
-/// and a send buffer of 32 frames for the life of a connection: at RabbitMQ's default of
-/// 128 KiB that is 8 MiB in every service, whatever it does. A larger message is simply sent in
-/// several frames (a page of 1,000 members in about five).
-pub const FRAME_MAX: u32 = 32 * 1024;
+/// and a send buffer of 32 frames for the life of a connection, used as rings: zeroed memory that
+/// becomes resident page by page as traffic first goes round. At RabbitMQ's default of 128 KiB
+/// that is 8 MiB in every service, and at 32 KiB 2 MiB, which a writer that receives little
+/// filled in proportion to how long a sync ran: its resident set grew with the org. At 8 KiB
+/// the rings are 512 KiB, full after the first few pages whatever the org. A larger message is
+/// simply sent in several frames (a page of 1,000 members in about twenty).
+pub const FRAME_MAX: u32 = 8 * 1024;
 
 /// How long [`connect`] waits for the AMQP handshake: far beyond a healthy broker's milliseconds,
 /// short enough that a hung one is reported well before any test or probe gives up.
