@@ -2,6 +2,7 @@
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -19,7 +20,10 @@ use lapin::{
     },
     types::FieldTable,
 };
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, warn};
 
@@ -171,7 +175,7 @@ pub async fn consume<M, F, Fut>(
 where
     M: Body,
     F: FnMut(Vec<Message<M>>) -> Fut + Send,
-    Fut: Future<Output = Vec<Outcome>> + Send,
+    Fut: Future<Output = Vec<Outcome>> + Send + 'static,
 {
     consume_with_metrics(
         connection,
@@ -193,13 +197,130 @@ pub async fn consume_with_metrics<M, F, Fut>(
     options: ConsumeOptions,
     metrics: ConsumerMetrics,
     shutdown: CancellationToken,
-    mut handler: F,
+    handler: F,
 ) -> Result<()>
 where
     M: Body,
     F: FnMut(Vec<Message<M>>) -> Fut + Send,
-    Fut: Future<Output = Vec<Outcome>> + Send,
+    Fut: Future<Output = Vec<Outcome>> + Send + 'static,
 {
+    let mut handler = Collect(handler);
+    consume_batches(
+        connection,
+        topology,
+        queue,
+        options,
+        metrics,
+        shutdown,
+        &mut handler,
+    )
+    .await
+}
+
+/// [`consume_with_metrics`] with a handler that takes each message of a batch as it arrives
+/// instead of the whole batch once it closed: it is called at a batch's first message, reads the
+/// rest from [`Incoming`] while the batch fills, and answers, once [`Incoming::next`] said the
+/// batch closed, one [`Outcome`] per message it read, in order. Messages it did not read (it
+/// returned early) are requeued.
+///
+/// Why: a batch can hold hundreds of large messages, arriving over seconds. A handler that works
+/// them off as they come (staging them elsewhere, say) never holds the whole batch decoded, and
+/// the consumer takes the next delivery only once the handler took the previous message, so the
+/// deliveries it holds are few whatever the batch's size (the broker's prefetch buffers the rest
+/// in the client, as raw frames).
+pub async fn consume_incoming<M, F, Fut>(
+    connection: &Connection,
+    topology: &Topology,
+    queue: &str,
+    options: ConsumeOptions,
+    metrics: ConsumerMetrics,
+    shutdown: CancellationToken,
+    handler: F,
+) -> Result<()>
+where
+    M: Body,
+    F: FnMut(Incoming<M>) -> Fut + Send,
+    Fut: Future<Output = Vec<Outcome>> + Send + 'static,
+{
+    let mut handler = Streaming(handler);
+    consume_batches(
+        connection,
+        topology,
+        queue,
+        options,
+        metrics,
+        shutdown,
+        &mut handler,
+    )
+    .await
+}
+
+/// The messages of one batch as the consumer takes them, for a handler of [`consume_incoming`].
+#[derive(Debug)]
+pub struct Incoming<M> {
+    receiver: mpsc::Receiver<Message<M>>,
+}
+
+impl<M> Incoming<M> {
+    /// The batch's next message, once the consumer took it; `None` once the batch closed.
+    pub async fn next(&mut self) -> Option<Message<M>> {
+        self.receiver.recv().await
+    }
+
+    /// Every message of the batch, once it closed.
+    pub async fn collect(mut self) -> Vec<Message<M>> {
+        let mut messages = Vec::new();
+        while let Some(message) = self.next().await {
+            messages.push(message);
+        }
+        messages
+    }
+}
+
+/// A batch handler of either kind.
+trait Handle<M>: Send {
+    /// Works on the batch `incoming` delivers; one outcome per message read, in order.
+    fn handle(&mut self, incoming: Incoming<M>) -> impl Future<Output = Vec<Outcome>> + Send + '_;
+}
+
+/// A handler of whole batches ([`consume_with_metrics`]).
+struct Collect<F>(F);
+
+impl<M, F, Fut> Handle<M> for Collect<F>
+where
+    M: Body,
+    F: FnMut(Vec<Message<M>>) -> Fut + Send,
+    Fut: Future<Output = Vec<Outcome>> + Send + 'static,
+{
+    async fn handle(&mut self, incoming: Incoming<M>) -> Vec<Outcome> {
+        let batch = incoming.collect().await;
+        (self.0)(batch).await
+    }
+}
+
+/// A handler of messages as they arrive ([`consume_incoming`]).
+struct Streaming<F>(F);
+
+impl<M, F, Fut> Handle<M> for Streaming<F>
+where
+    M: Body,
+    F: FnMut(Incoming<M>) -> Fut + Send,
+    Fut: Future<Output = Vec<Outcome>> + Send + 'static,
+{
+    fn handle(&mut self, incoming: Incoming<M>) -> impl Future<Output = Vec<Outcome>> + Send + '_ {
+        (self.0)(incoming)
+    }
+}
+
+async fn consume_batches<M: Body, H: Handle<M>>(
+    connection: &Connection,
+    topology: &Topology,
+    queue: &str,
+    options: ConsumeOptions,
+    metrics: ConsumerMetrics,
+    shutdown: CancellationToken,
+    handler: &mut H,
+) -> Result<()> {
     let dead_letter_channel = connection
         .create_channel()
         .await
@@ -223,7 +344,7 @@ where
         &options,
         &mut paused,
         &shutdown,
-        &mut handler,
+        handler,
     )
     .await;
     // Closed here rather than dropped: lapin closes a dropped channel in the background, where a
@@ -233,19 +354,14 @@ where
 }
 
 /// Runs consume sessions, one per pause, until shutdown or a broker error.
-async fn consume_sessions<M, F, Fut>(
+async fn consume_sessions<M: Body, H: Handle<M>>(
     connection: &Connection,
     worker: &Worker<'_>,
     options: &ConsumeOptions,
     paused: &mut watch::Receiver<bool>,
     shutdown: &CancellationToken,
-    handler: &mut F,
-) -> Result<()>
-where
-    M: Body,
-    F: FnMut(Vec<Message<M>>) -> Fut + Send,
-    Fut: Future<Output = Vec<Outcome>> + Send,
-{
+    handler: &mut H,
+) -> Result<()> {
     let queue = worker.queue;
     loop {
         if !wait_until_resumed(paused, shutdown).await {
@@ -309,19 +425,14 @@ async fn close_quietly(channel: &Channel) {
     }
 }
 
-async fn run_session<M, F, Fut>(
+async fn run_session<M: Body, H: Handle<M>>(
     channel: &Channel,
     worker: &Worker<'_>,
     options: &ConsumeOptions,
     paused: &mut watch::Receiver<bool>,
     shutdown: &CancellationToken,
-    handler: &mut F,
-) -> Result<SessionEnd>
-where
-    M: Body,
-    F: FnMut(Vec<Message<M>>) -> Fut + Send,
-    Fut: Future<Output = Vec<Outcome>> + Send,
-{
+    handler: &mut H,
+) -> Result<SessionEnd> {
     let queue = worker.queue;
     // Per-consumer prefetch (global: false) bounds the unacked deliveries this consumer holds, so a slow
     // replica does not hoard messages other replicas could take. https://www.rabbitmq.com/docs/consumer-prefetch
@@ -360,10 +471,11 @@ where
         // A flush says nothing more of its stream is coming: waiting would only add latency.
         let mut flushed = marked(&first, crate::is_flush);
         let mut streaming = marked(&first, crate::is_stream);
-        let mut batch = vec![first];
+        let mut taken = 1;
+        let mut batch = Batch::new(queue, handler);
         let mut stop_after_batch = None;
-        let mut failure = None;
-        while batch.len() < max_batch && !flushed {
+        let mut failure = worker.take(&mut batch, first).await.err();
+        while failure.is_none() && taken < max_batch && !flushed && batch.outcomes.is_none() {
             let deadline = batch_deadline(options, started, last, urgent_since, streaming);
             tokio::select! {
                 biased;
@@ -372,25 +484,25 @@ where
                     break;
                 }
                 () = tokio::time::sleep_until(deadline) => break,
+                // The handler works on the messages it has while the batch fills.
+                outcomes = batch.handling() => batch.outcomes = Some(outcomes),
                 next = consumer.next() => match next_delivery(next, queue) {
                     Ok(delivery) => {
                         worker.in_flight.fetch_add(1, Ordering::SeqCst);
+                        taken += 1;
                         last = Instant::now();
                         if urgent_since.is_none() && marked(&delivery, crate::is_urgent) {
                             urgent_since = Some(last);
                         }
                         flushed = marked(&delivery, crate::is_flush);
                         streaming |= marked(&delivery, crate::is_stream);
-                        batch.push(delivery);
+                        failure = worker.take(&mut batch, delivery).await.err();
                     }
-                    Err(error) => {
-                        failure = Some(error);
-                        break;
-                    }
+                    Err(error) => failure = Some(error),
                 },
             }
         }
-        worker.process(batch, handler, shutdown).await?;
+        worker.finish(batch, shutdown).await?;
         if let Some(error) = failure {
             return Err(error);
         }
@@ -401,6 +513,69 @@ where
         }
         if let Some(end) = stop_after_batch {
             return cancel(channel, &consumer_tag, end).await;
+        }
+    }
+}
+
+/// A batch's work while it fills: the decoded messages go to the handler, started at the first,
+/// as they arrive.
+struct Batch<'h, M, H> {
+    /// Until the handler starts.
+    handler: Option<&'h mut H>,
+    /// Until the handler starts.
+    receiver: Option<mpsc::Receiver<Message<M>>>,
+    /// Dropped when the batch closes, which tells the handler.
+    sender: mpsc::Sender<Message<M>>,
+    handling: Option<Pin<Box<dyn Future<Output = Vec<Outcome>> + Send + 'h>>>,
+    /// The handler's answer, once it gave it.
+    outcomes: Option<Vec<Outcome>>,
+    /// The deliveries whose messages went to the handler, in order.
+    deliveries: Vec<Delivery>,
+    span: observe::ProcessSpan,
+}
+
+impl<'h, M: Body, H: Handle<M>> Batch<'h, M, H> {
+    fn new(queue: &str, handler: &'h mut H) -> Self {
+        // One message waits for the handler at most: the consumer takes the next delivery once
+        // the handler took the previous message.
+        let (sender, receiver) = mpsc::channel(1);
+        Self {
+            handler: Some(handler),
+            receiver: Some(receiver),
+            sender,
+            handling: None,
+            outcomes: None,
+            deliveries: Vec::new(),
+            span: observe::ProcessSpan::new(queue),
+        }
+    }
+
+    /// Hands `message` to the handler (starting it at the batch's first), and waits, working the
+    /// handler meanwhile, until it was taken or the handler returned.
+    async fn forward(&mut self, message: Message<M>) {
+        self.span.add(&message.headers);
+        if let (Some(handler), Some(receiver)) = (self.handler.take(), self.receiver.take()) {
+            let handling = handler.handle(Incoming { receiver });
+            self.handling = Some(Box::pin(handling.instrument(self.span.span().clone())));
+        }
+        if self.outcomes.is_some() {
+            return;
+        }
+        let Some(handling) = self.handling.as_mut() else {
+            return;
+        };
+        tokio::select! {
+            // An error means the handler dropped its `Incoming`: the message will be requeued.
+            _ = self.sender.send(message) => {}
+            outcomes = handling => self.outcomes = Some(outcomes),
+        }
+    }
+
+    /// Resolves with the handler's answer; never if it is not working.
+    async fn handling(&mut self) -> Vec<Outcome> {
+        match (&mut self.handling, &self.outcomes) {
+            (Some(handling), None) => handling.await,
+            _ => std::future::pending().await,
         }
     }
 }
@@ -442,78 +617,81 @@ struct Worker<'a> {
 }
 
 impl Worker<'_> {
-    async fn process<M, F, Fut>(
+    /// Takes one delivery into `batch`: decoded, its message goes to the handler; undecodable,
+    /// it goes to the DLQ with its reason.
+    async fn take<M: Body, H: Handle<M>>(
         &self,
-        batch: Vec<Delivery>,
-        handler: &mut F,
-        shutdown: &CancellationToken,
-    ) -> Result<()>
-    where
-        M: Body,
-        F: FnMut(Vec<Message<M>>) -> Fut + Send,
-        Fut: Future<Output = Vec<Outcome>> + Send,
-    {
-        let mut decoded = Vec::with_capacity(batch.len());
-        let mut deliveries = Vec::with_capacity(batch.len());
-        for mut delivery in batch {
-            let message_type = delivery
+        batch: &mut Batch<'_, M, H>,
+        mut delivery: Delivery,
+    ) -> Result<()> {
+        let message_type = delivery
+            .properties
+            .kind()
+            .as_ref()
+            .map(|kind| kind.as_str())
+            .unwrap_or_default();
+        let body = match M::decode_body(message_type, delivery.data.as_slice()) {
+            Ok(body) => body,
+            Err(reason) => return self.dead_letter(&delivery, &reason).await,
+        };
+        let message = Message {
+            body,
+            message_id: delivery
                 .properties
-                .kind()
+                .message_id()
                 .as_ref()
-                .map(|kind| kind.as_str())
-                .unwrap_or_default();
-            match M::decode_body(message_type, delivery.data.as_slice()) {
-                Ok(body) => {
-                    let headers = delivery.properties.headers().clone().unwrap_or_default();
-                    decoded.push(Message {
-                        body,
-                        message_id: delivery
-                            .properties
-                            .message_id()
-                            .as_ref()
-                            .map(|id| id.as_str().to_owned())
-                            .unwrap_or_default(),
-                        redelivered: delivery.redelivered,
-                        headers,
-                    });
-                    if !self.handler_dead_letters {
-                        delivery.data = Vec::new();
-                    }
-                    deliveries.push(delivery);
-                }
-                Err(reason) => {
-                    self.dead_letter(&delivery, &reason).await?;
-                }
-            }
+                .map(|id| id.as_str().to_owned())
+                .unwrap_or_default(),
+            redelivered: delivery.redelivered,
+            headers: delivery.properties.headers().clone().unwrap_or_default(),
+        };
+        if !self.handler_dead_letters {
+            delivery.data = Vec::new();
         }
-        if decoded.is_empty() {
+        self.metrics.observe_lag(self.queue, &message.headers);
+        batch.deliveries.push(delivery);
+        batch.forward(message).await;
+        Ok(())
+    }
+
+    /// Closes `batch`, waits for the handler's answer and settles each delivery by its outcome.
+    async fn finish<M: Body, H: Handle<M>>(
+        &self,
+        batch: Batch<'_, M, H>,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
+        let Batch {
+            sender,
+            handling,
+            outcomes,
+            deliveries,
+            span,
+            ..
+        } = batch;
+        // The handler's `Incoming` ends once it took what was sent.
+        drop(sender);
+        let Some(handling) = handling else {
+            // Nothing decoded: the handler never started.
             return Ok(());
-        }
-        let span =
-            observe::process_span(self.queue, decoded.iter().map(|message| &message.headers));
-        self.settle(decoded, deliveries, handler, shutdown)
-            .instrument(span)
+        };
+        let outcomes = match outcomes {
+            Some(outcomes) => outcomes,
+            None => handling.await,
+        };
+        span.finish();
+        self.settle(outcomes, deliveries, shutdown)
+            .instrument(span.span().clone())
             .await
     }
 
-    /// Runs the handler on the decoded batch and settles each delivery by its outcome.
-    async fn settle<M, F, Fut>(
+    /// Settles each delivery by its outcome (the handler's answer, one per delivery in order).
+    async fn settle(
         &self,
-        decoded: Vec<Message<M>>,
+        mut outcomes: Vec<Outcome>,
         deliveries: Vec<Delivery>,
-        handler: &mut F,
         shutdown: &CancellationToken,
-    ) -> Result<()>
-    where
-        M: Body,
-        F: FnMut(Vec<Message<M>>) -> Fut + Send,
-        Fut: Future<Output = Vec<Outcome>> + Send,
-    {
-        for message in &decoded {
-            self.metrics.observe_lag(self.queue, &message.headers);
-        }
-        let expected = decoded.len();
-        let mut outcomes = handler(decoded).await;
+    ) -> Result<()> {
+        let expected = deliveries.len();
         if outcomes.len() != expected {
             warn!(
                 queue = self.queue,

@@ -13,7 +13,8 @@ mod publisher;
 mod topology;
 
 pub use consumer::{
-    Body, BulkBatching, ConsumeOptions, Message, Outcome, consume, consume_with_metrics,
+    Body, BulkBatching, ConsumeOptions, Incoming, Message, Outcome, consume, consume_incoming,
+    consume_with_metrics,
 };
 pub use observe::ConsumerMetrics;
 pub use publisher::Publisher;

@@ -90,38 +90,66 @@ pub(crate) fn publish_span(exchange: &str, routing_key: &str, message_id: &str) 
     )
 }
 
-/// The consumer span of one batch from `queue`: child of the first message's context, linked to the
-/// others (see the module documentation).
-pub(crate) fn process_span<'a>(queue: &str, headers: impl Iterator<Item = &'a FieldTable>) -> Span {
-    let contexts: Vec<_> = headers
-        .map(extract)
-        .filter_map(|context| {
-            optout_telemetry::remote_span_context(&context).map(|span| (context, span))
-        })
-        .collect();
-    let count = contexts.len();
-    let span = tracing::info_span!(
-        "amqp.process",
-        otel.name = %format_args!("process {queue}"),
-        otel.kind = "consumer",
-        messaging.system = "rabbitmq",
-        messaging.operation.type = "process",
-        messaging.operation.name = "process",
-        messaging.destination.name = %queue,
-        messaging.batch.message_count = count,
-    );
-    let mut contexts = contexts.into_iter();
-    if let Some((parent, parent_span)) = contexts.next() {
-        optout_telemetry::set_remote_parent(&span, parent);
-        let mut linked = vec![parent_span];
-        for (_, other) in contexts {
-            if !linked.contains(&other) {
-                span.add_link(other.clone());
-                linked.push(other);
-            }
+/// The consumer span of one batch from `queue`, built as its messages arrive: child of the first
+/// traced message's context, linked to the others (see the module documentation).
+pub(crate) struct ProcessSpan {
+    span: Span,
+    /// The remote spans it continues or links, so each is linked once.
+    linked: Vec<optout_telemetry::opentelemetry::trace::SpanContext>,
+    /// Messages added.
+    messages: usize,
+}
+
+impl ProcessSpan {
+    pub(crate) fn new(queue: &str) -> Self {
+        let span = tracing::info_span!(
+            "amqp.process",
+            otel.name = %format_args!("process {queue}"),
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = %queue,
+            messaging.batch.message_count = tracing::field::Empty,
+        );
+        Self {
+            span,
+            linked: Vec::new(),
+            messages: 0,
         }
     }
-    span
+
+    /// Joins the trace of the batch's next message, with these headers: the first message's
+    /// context becomes the parent (it is added before the span is first entered, when a parent can
+    /// still be set), any other a link.
+    pub(crate) fn add(&mut self, headers: &FieldTable) {
+        let first = self.messages == 0;
+        self.messages += 1;
+        let context = extract(headers);
+        let Some(remote) = optout_telemetry::remote_span_context(&context) else {
+            return;
+        };
+        if self.linked.contains(&remote) {
+            return;
+        }
+        if first {
+            optout_telemetry::set_remote_parent(&self.span, context);
+        } else {
+            self.span.add_link(remote.clone());
+        }
+        self.linked.push(remote);
+    }
+
+    /// The span, for instrumenting the batch's work.
+    pub(crate) fn span(&self) -> &Span {
+        &self.span
+    }
+
+    /// Records the batch's size once it closed.
+    pub(crate) fn finish(&self) {
+        self.span
+            .record("messaging.batch.message_count", self.messages);
+    }
 }
 
 /// The queue label.

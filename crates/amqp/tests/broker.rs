@@ -848,3 +848,105 @@ async fn next_batch(
         .context("timed out waiting for a batch")?
         .context("consumer stopped")
 }
+
+#[tokio::test]
+async fn an_incoming_handler_takes_each_message_as_it_arrives_and_what_it_leaves_is_requeued()
+-> anyhow::Result<()> {
+    use std::sync::atomic::AtomicUsize;
+
+    let broker = Broker::start().await?;
+    let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
+    let (seen, mut seen_receiver) = mpsc::unbounded_channel::<(usize, String)>();
+    let batches = Arc::new(AtomicUsize::new(0));
+    let shutdown = CancellationToken::new();
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let options = ConsumeOptions {
+        prefetch: 10,
+        max_batch: 10,
+        max_wait: DEADLINE * 4,
+        paused: watch::channel(false).1,
+        in_flight: in_flight.clone(),
+        // Windows far beyond the test's deadline: only a flush closes a batch in time.
+        bulk: Some(optout_amqp::BulkBatching {
+            idle: DEADLINE * 4,
+            max_wait: DEADLINE * 8,
+        }),
+        handler_dead_letters: false,
+    };
+    let connection = broker.connection.clone();
+    let topology = broker.topology.clone();
+    let queue = topology.members_changed_queue();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        optout_amqp::consume_incoming(
+            &connection,
+            &topology,
+            &queue,
+            options,
+            optout_amqp::ConsumerMetrics::default(),
+            token,
+            move |mut incoming: optout_amqp::Incoming<Ping>| {
+                let batch = batches.fetch_add(1, Ordering::SeqCst);
+                let seen = seen.clone();
+                async move {
+                    let mut outcomes = Vec::new();
+                    while let Some(message) = incoming.next().await {
+                        let id = message.body.id;
+                        outcomes.push(Outcome::Ack);
+                        let leave = id == "leave";
+                        let _ = seen.send((batch, id));
+                        if leave {
+                            // Returns before its batch closed, leaving what else it holds.
+                            break;
+                        }
+                    }
+                    outcomes
+                }
+            },
+        )
+        .await
+    });
+    let mut next_seen = async || {
+        tokio::time::timeout(DEADLINE, seen_receiver.recv())
+            .await
+            .context("timed out waiting for the handler to see a message")?
+            .context("consumer stopped")
+    };
+
+    // Each message reaches the handler while its batch is still open: the next one is published
+    // only once the handler saw the previous.
+    publish_stream_ping(&publisher, "s0").await?;
+    assert_eq!(next_seen().await?, (0, "s0".to_owned()));
+    publish_stream_ping(&publisher, "s1").await?;
+    assert_eq!(next_seen().await?, (0, "s1".to_owned()));
+    publish_flush(&publisher, "end").await?;
+    assert_eq!(next_seen().await?, (0, "end".to_owned()));
+
+    // A handler that returns early closes its batch; a message it did not read is requeued and
+    // comes back in a later batch, whether it reached the batch or not.
+    publish_stream_ping(&publisher, "leave").await?;
+    publish_flush(&publisher, "after").await?;
+    assert_eq!(next_seen().await?, (1, "leave".to_owned()));
+    let (batch, id) = next_seen().await?;
+    assert_eq!(id, "after");
+    assert!(
+        batch >= 2,
+        "the message the handler left was answered in its batch"
+    );
+
+    shutdown.cancel();
+    tokio::time::timeout(DEADLINE, task).await???;
+    assert_eq!(
+        in_flight.load(Ordering::SeqCst),
+        0,
+        "every delivery was settled"
+    );
+    let channel = broker.connection.create_channel().await?;
+    let queue = broker.topology.members_changed_queue();
+    assert_eq!(
+        queue_depth(&channel, &queue).await?.0,
+        0,
+        "every message was acknowledged"
+    );
+    broker.teardown().await
+}
