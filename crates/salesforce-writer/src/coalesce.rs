@@ -10,7 +10,7 @@
 //! before it takes more deliveries, so an email (always in one partition) is in at most one pass
 //! at a time and its notifications are still handled in order.
 //!
-//! A batch stages its emails in PostgreSQL before it is handed in (`Writer::stage_batch`), and
+//! A batch stages its emails in PostgreSQL as its messages arrive (`Writer::stage_message`), and
 //! the pass merges its batches' rows into its own: while they wait, the batches hold only their
 //! messages' email keys, not the emails.
 
@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use optout_amqp::{Message, Outcome};
+use optout_amqp::{Incoming, Outcome};
 use optout_proto::queue::v1::PersonsDirty;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
@@ -64,7 +64,7 @@ struct Submission {
     /// Whether one of them asked to be handled promptly (`URGENT_HEADER`) or ended its stream
     /// (`FLUSH_HEADER`).
     urgent: bool,
-    /// The batch's emails, staged under an id of their own (see [`Writer::stage_batch`]).
+    /// The batch's emails, staged under an id of their own (see [`Writer::stage_message`]).
     batch: PassId,
     /// Emails the batch staged (one in two of its messages counts twice).
     emails: usize,
@@ -115,28 +115,39 @@ impl Coalescer {
 
     /// Writes the emails of one partition's batch, together with whatever the other partitions
     /// hand in meanwhile, and says what to do with each message.
-    pub(crate) async fn handle_batch(&self, messages: Vec<Message<PersonsDirty>>) -> Vec<Outcome> {
-        // A flush ends a sync's stream: the other partitions' batches of it close on their own
-        // flushes now, so the pass need not wait out their windows.
-        let urgent = messages.iter().any(|message| {
-            optout_amqp::is_urgent(&message.headers) || optout_amqp::is_flush(&message.headers)
-        });
-        let count = messages.len() as u64;
-        // Staged at once, so the batch does not hold its emails while it waits for its pass: the
-        // partitions' batches of a burst all wait at the same time.
+    ///
+    /// Each message is staged as the consumer takes it, while the batch fills, and dropped: the
+    /// batch holds its messages' email keys, never their emails, and the consumer holds a
+    /// delivery or two rather than the batch, however large a burst is.
+    pub(crate) async fn handle_batch(&self, mut incoming: Incoming<PersonsDirty>) -> Vec<Outcome> {
+        let mut urgent = false;
+        let mut staged = writer::StagedBatch::default();
+        let mut failure = None;
+        while let Some(message) = incoming.next().await {
+            // A flush ends a sync's stream: the other partitions' batches of it close on their
+            // own flushes now, so the pass need not wait out their windows.
+            urgent |=
+                optout_amqp::is_urgent(&message.headers) || optout_amqp::is_flush(&message.headers);
+            if failure.is_some() {
+                // Counted, not staged: the whole batch is redelivered.
+                staged.keys.push(Box::default());
+            } else if let Err(error) = self.writer.stage_message(&mut staged, message).await {
+                failure = Some(error_chain(&error));
+            }
+        }
+        let count = staged.keys.len() as u64;
+        if let Some(reason) = failure {
+            tracing::warn!(error = %reason, "could not stage a batch, its messages will be redelivered");
+            if let Some(batch) = staged.batch {
+                self.writer.end_passes(&[batch]).await;
+            }
+            return vec![Outcome::Retry(reason); staged.keys.len()];
+        }
         let writer::StagedBatch {
             batch,
             emails,
             keys,
-        } = match self.writer.stage_batch(messages).await {
-            Ok(staged) => staged,
-            Err(error) => {
-                let reason = error_chain(&error);
-                tracing::warn!(error = %reason, "could not stage a batch, its messages will be redelivered");
-                let count = usize::try_from(count).unwrap_or(usize::MAX);
-                return vec![Outcome::Retry(reason); count];
-            }
-        };
+        } = staged;
         let Some(batch) = batch else {
             // Only flushes (or empty notifications): nothing to write, no pass to wait for.
             return writer::outcomes(&keys, &Ok(Arc::default()));

@@ -578,16 +578,16 @@ async fn consume_partition(
             handler_dead_letters: false,
         };
         let coalescer = coalescer.clone();
-        let result = optout_amqp::consume_with_metrics::<PersonsDirty, _, _>(
+        let result = optout_amqp::consume_incoming::<PersonsDirty, _, _>(
             &state.amqp,
             &topology,
             &queue,
             options,
             metrics.clone(),
             state.shutdown.clone(),
-            move |messages| {
+            move |incoming| {
                 let coalescer = coalescer.clone();
-                async move { coalescer.handle_batch(messages).await }
+                async move { coalescer.handle_batch(incoming).await }
             },
         )
         .await;

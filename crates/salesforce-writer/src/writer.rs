@@ -330,49 +330,37 @@ impl Writer {
         result
     }
 
-    /// Stages the emails of a batch of dirty notifications under an id of their own, to be
-    /// merged into its pass's, a message at a time: each message's emails are dropped once
-    /// staged, so the batch never holds its emails twice (decoded and normalised). An email in
-    /// several messages keeps the trace of the first. No pass is begun for a batch without
-    /// emails (flushes only).
-    pub(crate) async fn stage_batch(
+    /// Stages the emails of one dirty notification of a batch under the batch's own id (begun
+    /// at its first email), to be merged into its pass's, and keeps a key of each in `staged`.
+    /// Called for each message as the batch fills, so a batch never holds its messages' emails,
+    /// only their keys. An email in several messages keeps the trace of the first. No pass is
+    /// begun for a batch without emails (flushes only).
+    pub(crate) async fn stage_message(
         &self,
-        messages: Vec<Message<PersonsDirty>>,
-    ) -> Result<StagedBatch> {
-        let mut staged = StagedBatch {
-            batch: None,
-            emails: 0,
-            keys: Vec::with_capacity(messages.len()),
-        };
-        let any = messages.iter().any(|message| {
-            message
-                .body
-                .emails
-                .iter()
-                .any(|email| !email.trim().is_empty())
-        });
-        if !any {
-            staged.keys = vec![Box::default(); messages.len()];
-            return Ok(staged);
+        staged: &mut StagedBatch,
+        message: Message<PersonsDirty>,
+    ) -> Result<()> {
+        let (emails, trace_id) = message_emails(message);
+        staged
+            .keys
+            .push(emails.iter().map(|email| email_key(email)).collect());
+        if emails.is_empty() {
+            return Ok(());
         }
-        let batch = self.store.begin_pass().await?;
-        staged.batch = Some(batch);
-        for message in messages {
-            let (emails, trace_id) = message_emails(message);
-            staged.emails += emails.len();
-            staged
-                .keys
-                .push(emails.iter().map(|email| email_key(email)).collect());
-            let rows: Vec<(&str, Option<&str>)> = emails
-                .iter()
-                .map(|email| (email.as_str(), trace_id.as_deref()))
-                .collect();
-            if let Err(error) = self.store.stage_emails(batch, &rows).await {
-                self.end_passes(&[batch]).await;
-                return Err(error);
+        let batch = match staged.batch {
+            Some(batch) => batch,
+            None => {
+                let batch = self.store.begin_pass().await?;
+                staged.batch = Some(batch);
+                batch
             }
-        }
-        Ok(staged)
+        };
+        staged.emails += emails.len();
+        let rows: Vec<(&str, Option<&str>)> = emails
+            .iter()
+            .map(|email| (email.as_str(), trace_id.as_deref()))
+            .collect();
+        self.store.stage_emails(batch, &rows).await
     }
 
     /// Removes the staged rows of `passes`. A failure only leaves them to the sweep of stale
@@ -946,7 +934,7 @@ impl Writer {
 }
 
 /// What a batch of dirty notifications keeps once staged, while it waits for its pass.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct StagedBatch {
     /// Its staged emails; `None` when it held none.
     pub(crate) batch: Option<PassId>,
