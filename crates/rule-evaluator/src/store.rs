@@ -65,6 +65,16 @@ pub async fn connect(
                 Ok(())
             })
         })
+        // A connection's buffers keep the size of the largest statement or result it carried
+        // (a batch's upsert, a page of rows: hundreds of KiB), so a pool would hold that much
+        // for each connection it ever used at once, more of them the longer a sync ran; shrunk
+        // as each goes back to the pool, only the statements running hold them.
+        .after_release(|connection, _metadata| {
+            Box::pin(async move {
+                connection.shrink_buffers();
+                Ok(true)
+            })
+        })
         .connect(database_url.expose_secret())
         .await?;
     // The _sqlx_migrations table lands in our schema through the search path.

@@ -45,6 +45,16 @@ impl Store {
                     Ok(())
                 })
             })
+            // A connection's buffers keep the size of the largest statement or result it carried
+            // (a batch's upsert, a page of rows: hundreds of KiB), so a pool would hold that much
+            // for each connection it ever used at once, more of them the longer a sync ran; shrunk
+            // as each goes back to the pool, only the statements running hold them.
+            .after_release(|connection, _metadata| {
+                Box::pin(async move {
+                    sqlx::Connection::shrink_buffers(connection);
+                    Ok(true)
+                })
+            })
             .connect(url.expose_secret())
             .await?;
         let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
