@@ -165,6 +165,7 @@ pub async fn connect(url: &str) -> Result<lapin::Connection> {
     // restarted and a test reports the broker rather than hanging.
     let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|_| Error::InvalidUrl)?;
     uri.query.frame_max.get_or_insert(FRAME_MAX);
+    uri.query.channel_max.get_or_insert(CHANNEL_MAX);
     tokio::time::timeout(
         CONNECT_TIMEOUT,
         lapin::Connection::connect_uri(uri, lapin::ConnectionProperties::default()),
@@ -182,6 +183,14 @@ pub async fn connect(url: &str) -> Result<lapin::Connection> {
 /// the rings are 512 KiB, full after the first few pages whatever the org. A larger message is
 /// simply sent in several frames (a page of 1,000 members in about twenty).
 pub const FRAME_MAX: u32 = 8 * 1024;
+
+/// The most channels [`connect`] asks for, unless the URL sets `channel_max` (RabbitMQ's default
+/// is 2,047). lapin numbers each new channel after the last, wrapping at the maximum, and keeps a
+/// little state per number it has used: a service that opens a short-lived channel for every
+/// status read (about 20 a second under the benchmark's polls) kept about 400 bytes more for
+/// each new number, some 800 KB once the numbers wrapped, so a longer sync showed a higher
+/// resident peak. A service holds a few dozen channels at most at once.
+pub const CHANNEL_MAX: u16 = 256;
 
 /// How long [`connect`] waits for the AMQP handshake: far beyond a healthy broker's milliseconds,
 /// short enough that a hung one is reported well before any test or probe gives up.

@@ -301,6 +301,10 @@ async fn connections_use_small_frames_and_a_larger_message_arrives_whole() -> an
         broker.connection.configuration().frame_max(),
         optout_amqp::FRAME_MAX
     );
+    assert_eq!(
+        broker.connection.configuration().channel_max(),
+        optout_amqp::CHANNEL_MAX
+    );
     let publisher = Publisher::new(&broker.connection, broker.topology.clone()).await?;
     // Six frames' worth, with no repeating pattern a frame boundary could hide a mix-up in.
     let large: String = (0..6 * optout_amqp::FRAME_MAX / 8)
