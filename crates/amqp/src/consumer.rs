@@ -224,10 +224,9 @@ where
 /// returned early) are requeued.
 ///
 /// Why: a batch can hold hundreds of large messages, arriving over seconds. A handler that works
-/// them off as they come (staging them elsewhere, say) never holds the whole batch decoded, and
-/// the consumer takes the next delivery only once the handler took the previous message, so the
-/// deliveries it holds are few whatever the batch's size (the broker's prefetch buffers the rest
-/// in the client, as raw frames).
+/// them off as they come (staging them elsewhere, say) never holds the whole batch decoded: the
+/// consumer decodes the next delivery only once the handler took the previous message, so at most
+/// one message waits for it, and what the broker pushed ahead waits in lapin's buffer, undecoded.
 pub async fn consume_incoming<M, F, Fut>(
     connection: &Connection,
     topology: &Topology,
