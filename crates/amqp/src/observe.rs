@@ -91,7 +91,7 @@ pub(crate) fn publish_span(exchange: &str, routing_key: &str, message_id: &str) 
 }
 
 /// The consumer span of one batch from `queue`, built as its messages arrive: child of the first
-/// traced message's context, linked to the others (see the module documentation).
+/// message's context, linked to the others (see the module documentation).
 pub(crate) struct ProcessSpan {
     span: Span,
     /// The remote spans it continues or links, so each is linked once.
